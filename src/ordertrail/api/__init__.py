@@ -1,0 +1,1 @@
+"""The HTTP application: webhook ingest, read API and health checks."""

@@ -1,0 +1,107 @@
+"""The litestar application: routes, lifespan, errors and OpenAPI."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from litestar import Litestar
+from litestar.datastructures import MutableScopeHeaders
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import ScalarRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from ordertrail import __version__
+from ordertrail.api.health import live, ready
+from ordertrail.api.orders import OrdersController
+from ordertrail.api.problems import exception_handlers
+from ordertrail.api.services import running_services
+from ordertrail.ingest.controller import receive_webhook
+from ordertrail.lib.logging import configure_logging
+from ordertrail.lib.settings import Settings
+
+__all__ = ["create_app", "openapi_config"]
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def request_id_middleware(app: ASGIApp) -> ASGIApp:
+    """Give every request an id, in the logs and the ``X-Request-Id`` header.
+
+    A well-formed id sent by the client is kept so a caller can follow its
+    request through; anything else is replaced.
+    """
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        sent = None
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                sent = value.decode("latin-1")
+                break
+        request_id = sent if sent and _REQUEST_ID.match(sent) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id  # type: ignore[typeddict-item]
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableScopeHeaders.from_message(message)["x-request-id"] = request_id
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await app(scope, receive, send_with_id)
+
+    return middleware
+
+
+def openapi_config() -> OpenAPIConfig:
+    """Return the OpenAPI description of the service."""
+    return OpenAPIConfig(
+        title="ordertrail",
+        version=__version__,
+        description=(
+            "Receives Locally cart item webhooks, keeps each as an immutable event, "
+            "and serves the projected state of every item and order."
+        ),
+        components=Components(
+            security_schemes={
+                "apiKey": SecurityScheme(
+                    type="http", scheme="bearer",
+                    description="An API key from `ordertrail keys create`.",
+                ),
+                "webhookToken": SecurityScheme(
+                    type="apiKey", name="locally-webhook-token", security_scheme_in="header",
+                    description="A webhook token from `ordertrail tokens create`.",
+                ),
+            }
+        ),
+        path="/schema",
+        render_plugins=[ScalarRenderPlugin()],
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the application; the database is reached when it starts."""
+    settings = settings if settings is not None else Settings.from_env()
+    configure_logging(settings.log_level, settings.log_format)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with running_services(settings) as services:
+            app.state.services = services
+            yield
+
+    return Litestar(
+        route_handlers=[receive_webhook, OrdersController, live, ready],
+        lifespan=[lifespan],
+        middleware=[request_id_middleware],
+        exception_handlers=exception_handlers,
+        openapi_config=openapi_config(),
+        debug=False,
+        logging_config=None,
+    )

@@ -1,0 +1,178 @@
+"""The read API for orders, items and their event histories."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Controller, Request, get
+from litestar.params import Parameter
+
+from ordertrail.api.problems import ProblemError
+from ordertrail.api.security import requires
+from ordertrail.api.services import Services
+from ordertrail.auth.credentials import Role
+from ordertrail.eventstore.records import RecordedEvent
+from ordertrail.projections.items import ItemView
+from ordertrail.projections.orders import OrderView, roll_up
+
+__all__ = ["EventHistory", "HistoryEvent", "OrdersController"]
+
+Mode = Literal["live", "test"]
+ModeParameter = Annotated[
+    Mode, Parameter(description="Which connectivity's data to read: live or test.")
+]
+
+
+class HistoryEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One stored event, exactly as recorded, with its current meaning."""
+
+    position: int
+    upc: str
+    version: int
+    mode: str
+    received_at: datetime
+    event_type: str
+    schema_version: int
+    raw_status: str
+    transition: str | None
+    """What the current vocabulary makes of ``raw_status``; null if unrecognized."""
+    redelivery: bool
+    redelivery_of: int | None
+    raw_body: str | None
+    """The body as text, when it is valid UTF-8."""
+    raw_body_base64: str
+    """The body's exact bytes."""
+    request_id: str
+    client_address: str | None
+    token_id: str
+    idempotency_key: str | None
+    previous_hash: str
+    hash: str
+
+
+class EventHistory(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of an order's history, in position order."""
+
+    mode: str
+    order_id: str
+    events: list[HistoryEvent]
+    next_after: int | None
+    """Pass as ``after`` to get the next page; null on the last page."""
+
+
+_ITEM_COLUMNS = ", ".join(ItemView.__struct_fields__)
+
+
+def _item(row: Any) -> ItemView:
+    return msgspec.convert(dict(row.items()), ItemView)
+
+
+class OrdersController(Controller):
+    """Orders and their items as the projections see them."""
+
+    path = "/v1/orders"
+    tags = ["orders"]  # noqa: RUF012 - litestar reads a plain list
+    guards = [requires(Role.READER)]  # noqa: RUF012
+
+    @get("/{order_id:str}", summary="An order with all its items")
+    async def order(
+        self, request: Request[Any, Any, Any], order_id: str, mode: ModeParameter = "live"
+    ) -> OrderView:
+        """Return the order's items and the roll-up of their states."""
+        services: Services = request.app.state.services
+        async with services.pool.acquire() as connection:
+            rows = await connection.fetch(
+                f"SELECT {_ITEM_COLUMNS} FROM item_view "  # noqa: S608 - fixed columns
+                "WHERE order_id = $1 AND mode = $2",
+                order_id, mode,
+            )
+        if not rows:
+            raise ProblemError(404, "order-not-found", "No such order",
+                               f"no {mode} events for order {order_id!r}")
+        return roll_up([_item(row) for row in rows])
+
+    @get("/{order_id:str}/items/{upc:str}", summary="One item of an order")
+    async def item(
+        self,
+        request: Request[Any, Any, Any],
+        order_id: str,
+        upc: str,
+        mode: ModeParameter = "live",
+    ) -> ItemView:
+        """Return one item's projected state."""
+        services: Services = request.app.state.services
+        async with services.pool.acquire() as connection:
+            row = await connection.fetchrow(
+                f"SELECT {_ITEM_COLUMNS} FROM item_view "  # noqa: S608 - fixed columns
+                "WHERE order_id = $1 AND mode = $2 AND upc = $3",
+                order_id, mode, upc,
+            )
+        if row is None:
+            raise ProblemError(404, "item-not-found", "No such item",
+                               f"no {mode} events for UPC {upc!r} in order {order_id!r}")
+        return _item(row)
+
+    @get(
+        "/{order_id:str}/events",
+        summary="An order's full event history",
+        guards=[requires(Role.AUDITOR)],
+    )
+    async def events(
+        self,
+        request: Request[Any, Any, Any],
+        order_id: str,
+        mode: ModeParameter = "live",
+        after: Annotated[
+            int, Parameter(ge=0, description="Return events after this position.")
+        ] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
+    ) -> EventHistory:
+        """Return the raw events of every item of the order, oldest first."""
+        services: Services = request.app.state.services
+        async with services.pool.acquire() as connection:
+            events = await services.store.read_order(
+                connection, mode, order_id, after_position=after, limit=limit + 1
+            )
+        if not events and after == 0:
+            raise ProblemError(404, "order-not-found", "No such order",
+                               f"no {mode} events for order {order_id!r}")
+        page = events[:limit]
+        vocabulary = services.vocabulary
+        return EventHistory(
+            mode=mode,
+            order_id=order_id,
+            events=[_history_event(event, vocabulary.meaning(event.raw_status))
+                    for event in page],
+            next_after=page[-1].position if len(events) > limit else None,
+        )
+
+
+def _history_event(event: RecordedEvent, meaning: Any) -> HistoryEvent:
+    try:
+        text: str | None = event.raw_body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return HistoryEvent(
+        position=event.position,
+        upc=event.upc,
+        version=event.version,
+        mode=event.mode,
+        received_at=event.received_at,
+        event_type=event.event_type,
+        schema_version=event.schema_version,
+        raw_status=event.raw_status,
+        transition=meaning.transition.value if meaning is not None else None,
+        redelivery=event.redelivery_of is not None,
+        redelivery_of=event.redelivery_of,
+        raw_body=text,
+        raw_body_base64=base64.b64encode(event.raw_body).decode("ascii"),
+        request_id=event.request_id,
+        client_address=event.client_address,
+        token_id=event.token_id,
+        idempotency_key=event.idempotency_key,
+        previous_hash=event.previous_hash.hex(),
+        hash=event.hash.hex(),
+    )

@@ -1,0 +1,129 @@
+"""Errors as RFC 9457 problem details, with a stable type per error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+
+__all__ = ["Problem", "ProblemError", "problem_response", "exception_handlers"]
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An error answer (RFC 9457 problem details)."""
+
+    type: str
+    """A stable URI naming the kind of error: ``urn:ordertrail:problem:<name>``."""
+    title: str
+    status: int
+    detail: str | None = None
+    parameter: str | None = None
+    """The query or path parameter at fault, when there is one."""
+    request_id: str | None = None
+
+
+class ProblemError(Exception):
+    """Raised by handlers to answer with a problem."""
+
+    def __init__(
+        self,
+        status: int,
+        name: str,
+        title: str,
+        detail: str | None = None,
+        *,
+        parameter: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.name = name
+        self.title = title
+        self.detail = detail
+        self.parameter = parameter
+        self.headers = headers or {}
+
+
+def problem_response(
+    status: int,
+    name: str,
+    title: str,
+    detail: str | None = None,
+    *,
+    parameter: str | None = None,
+    headers: dict[str, str] | None = None,
+    request_id: str | None = None,
+) -> Response[bytes]:
+    """Return a problem-details response."""
+    body = Problem(
+        type=f"urn:ordertrail:problem:{name}",
+        title=title,
+        status=status,
+        detail=detail,
+        parameter=parameter,
+        request_id=request_id,
+    )
+    return Response(
+        msgspec.json.encode(body),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def _request_id(request: Request[Any, Any, Any]) -> str | None:
+    value = request.scope.get("state", {}).get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def _on_problem(request: Request[Any, Any, Any], error: ProblemError) -> Response[bytes]:
+    return problem_response(
+        error.status, error.name, error.title, error.detail,
+        parameter=error.parameter, headers=error.headers,
+        request_id=_request_id(request),
+    )
+
+
+def _on_validation(
+    request: Request[Any, Any, Any], error: ValidationException
+) -> Response[bytes]:
+    parameter = None
+    extra = error.extra
+    if isinstance(extra, list) and extra and isinstance(extra[0], dict):
+        parameter = extra[0].get("key")
+    return problem_response(
+        400, "invalid-parameter", "A request parameter is not valid",
+        error.detail, parameter=parameter, request_id=_request_id(request),
+    )
+
+
+def _on_unauthorized(
+    request: Request[Any, Any, Any], error: NotAuthorizedException
+) -> Response[bytes]:
+    return problem_response(
+        401, "unauthorized", "A valid API key is required", error.detail,
+        headers={"WWW-Authenticate": 'Bearer realm="ordertrail"'},
+        request_id=_request_id(request),
+    )
+
+
+def _on_http(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
+    name = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
+        error.status_code, "http-error"
+    )
+    return problem_response(
+        error.status_code, name, error.detail or "HTTP error",
+        request_id=_request_id(request),
+    )
+
+
+exception_handlers: dict[Any, Any] = {
+    ProblemError: _on_problem,
+    ValidationException: _on_validation,
+    NotAuthorizedException: _on_unauthorized,
+    HTTPException: _on_http,
+}

@@ -1,0 +1,133 @@
+"""The running service's parts, built in the app's lifespan and shared."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import structlog
+
+from ordertrail.auth.credentials import (
+    CREDENTIALS_CHANNEL,
+    CredentialCache,
+    bootstrap_token,
+)
+from ordertrail.db.connection import create_pool, database_url
+from ordertrail.db.migrate import apply_migrations, pending
+from ordertrail.domain.vocabulary import Vocabulary
+from ordertrail.eventstore.notifications import Listener, PositionSignal
+from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore
+from ordertrail.ingest.writer import GroupCommitWriter
+from ordertrail.lib.settings import Settings
+from ordertrail.projections.items import ItemProjection
+
+__all__ = ["Services", "running_services"]
+
+log = structlog.get_logger("ordertrail.service")
+
+
+@dataclass
+class Services:
+    """Everything a request handler may need, created once per process."""
+
+    settings: Settings
+    dsn: str
+    pool: asyncpg.Pool
+    store: EventStore
+    vocabulary: Vocabulary
+    projection: ItemProjection
+    writer: GroupCommitWriter
+    credentials: CredentialCache
+    listener: Listener
+    appended: PositionSignal
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def migrations_current(self) -> bool:
+        """Return whether every migration the code ships is applied."""
+        async with self.pool.acquire() as connection:
+            return not await pending(connection)
+
+
+@contextlib.asynccontextmanager
+async def running_services(settings: Settings) -> AsyncIterator[Services]:
+    """Start the database pool, listener and writer; stop them on exit."""
+    with database_url(settings) as dsn:
+        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        try:
+            async with pool.acquire() as connection:
+                await apply_migrations(connection)
+            services = _assemble(settings, dsn, pool)
+            await _start(services)
+            try:
+                yield services
+            finally:
+                await _stop(services)
+        finally:
+            await pool.close()
+
+
+def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
+    vocabulary = Vocabulary.load(settings.vocabulary_file)
+    store = EventStore(redelivery_window=settings.redelivery_window)
+    projection = ItemProjection(vocabulary, store)
+    bootstrap = [
+        bootstrap_token(mode, secret)
+        for mode, secret in (
+            ("live", settings.webhook_token_live),
+            ("test", settings.webhook_token_test),
+        )
+        if secret
+    ]
+    return Services(
+        settings=settings,
+        dsn=dsn,
+        pool=pool,
+        store=store,
+        vocabulary=vocabulary,
+        projection=projection,
+        writer=GroupCommitWriter(
+            pool, store, projection,
+            commit_delay=settings.commit_delay, batch_size=settings.commit_batch,
+        ),
+        credentials=CredentialCache(pool, bootstrap=bootstrap),
+        listener=Listener(dsn),
+        appended=PositionSignal(),
+    )
+
+
+async def _start(services: Services) -> None:
+    services.listener.subscribe(CREDENTIALS_CHANNEL, lambda _p: services.credentials.invalidate())
+    services.listener.subscribe(EVENTS_CHANNEL, services.appended.notice)
+    await services.listener.start()
+    await services.credentials.reload()
+    await services.writer.start()
+    services.background.append(
+        asyncio.create_task(_record_credential_use(services), name="ordertrail-last-used")
+    )
+    log.info("service.started", vocabulary=services.vocabulary.source)
+
+
+async def _stop(services: Services) -> None:
+    for task in services.background:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await services.writer.stop()
+    await services.listener.stop()
+    with contextlib.suppress(Exception):
+        await services.credentials.record_use()
+    log.info("service.stopped")
+
+
+async def _record_credential_use(services: Services, every: float = 10.0) -> None:
+    # Last-used times are written in the background, a few seconds late, so
+    # that checking a credential never costs a write.
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await services.credentials.record_use()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("credentials.last_used_failed", error=str(error))

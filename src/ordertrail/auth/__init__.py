@@ -1,0 +1,1 @@
+"""Webhook tokens and API keys: creation, storage as digests, verification."""

@@ -1,0 +1,273 @@
+"""Webhook tokens (for Locally) and API keys (for readers), kept as digests.
+
+A webhook token belongs to a mode: Locally's live and test connectivity each
+have their own. An API key carries a role. Either can expire and be revoked;
+a rotation is: create the new one, hand it over, revoke the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hmac
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+import structlog
+
+from ordertrail.lib.secrets import (
+    API_KEY_PREFIX,
+    WEBHOOK_TOKEN_PREFIX,
+    digest,
+    new_id,
+    new_secret,
+)
+
+__all__ = [
+    "CREDENTIALS_CHANNEL",
+    "Credential",
+    "CredentialCache",
+    "CredentialKind",
+    "Issued",
+    "Role",
+    "create_credential",
+    "list_credentials",
+    "revoke_credential",
+]
+
+log = structlog.get_logger("ordertrail.auth")
+
+CREDENTIALS_CHANNEL = "ordertrail_credentials"
+
+
+class CredentialKind(enum.StrEnum):
+    """What a credential opens."""
+
+    WEBHOOK_TOKEN = "webhook_token"
+    API_KEY = "api_key"
+
+
+class Role(enum.StrEnum):
+    """What an API key may read. Each role includes the ones before it."""
+
+    READER = "reader"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+    def allows(self, needed: Role) -> bool:
+        """Return whether this role may do what ``needed`` may do."""
+        order = (Role.READER, Role.AUDITOR, Role.ADMIN)
+        return order.index(self) >= order.index(needed)
+
+
+class Credential(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored credential, without its secret."""
+
+    id: str
+    kind: CredentialKind
+    mode: str | None
+    role: Role | None
+    label: str
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    last_used_at: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        """Return whether the credential opens anything at ``now``."""
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+class Issued(msgspec.Struct, frozen=True):
+    """A credential just created, with its secret, shown this once."""
+
+    credential: Credential
+    secret: str
+
+
+_PREFIXES = {
+    CredentialKind.WEBHOOK_TOKEN: ("tok_", WEBHOOK_TOKEN_PREFIX),
+    CredentialKind.API_KEY: ("key_", API_KEY_PREFIX),
+}
+
+_SELECT = (
+    "SELECT id, kind, mode, role, label, created_at, expires_at, revoked_at, "
+    "last_used_at FROM credentials"
+)
+
+
+async def create_credential(
+    connection: asyncpg.Connection,
+    kind: CredentialKind,
+    *,
+    mode: str | None = None,
+    role: Role | None = None,
+    label: str = "",
+    expires_in: timedelta | None = None,
+    secret: str | None = None,
+) -> Issued:
+    """Create a credential; generate its secret unless one is given.
+
+    A given secret is how a token that Locally Station generated is adopted.
+    """
+    id_prefix, secret_prefix = _PREFIXES[kind]
+    secret = secret if secret is not None else new_secret(secret_prefix)
+    expires_at = datetime.now(UTC) + expires_in if expires_in is not None else None
+    row = await connection.fetchrow(
+        "INSERT INTO credentials (id, kind, mode, role, label, secret_sha256, expires_at) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7) "
+        "RETURNING id, kind, mode, role, label, created_at, expires_at, revoked_at, "
+        "last_used_at",
+        new_id(id_prefix), kind.value, mode, role.value if role else None, label,
+        digest(secret), expires_at,
+    )
+    assert row is not None
+    log.info("credential.created", credential_id=row["id"], kind=kind.value,
+             mode=mode, role=role.value if role else None)
+    return Issued(_credential(row), secret)
+
+
+async def list_credentials(
+    connection: asyncpg.Connection, kind: CredentialKind
+) -> list[Credential]:
+    """Return every credential of ``kind``, newest first."""
+    rows = await connection.fetch(
+        f"{_SELECT} WHERE kind = $1 ORDER BY created_at DESC, id", kind.value
+    )
+    return [_credential(row) for row in rows]
+
+
+async def revoke_credential(
+    connection: asyncpg.Connection, kind: CredentialKind, credential_id: str
+) -> Credential | None:
+    """Revoke a credential now; return it, or ``None`` if there is none."""
+    row = await connection.fetchrow(
+        "UPDATE credentials SET revoked_at = coalesce(revoked_at, now()) "
+        "WHERE id = $1 AND kind = $2 "
+        "RETURNING id, kind, mode, role, label, created_at, expires_at, revoked_at, "
+        "last_used_at",
+        credential_id, kind.value,
+    )
+    if row is None:
+        return None
+    log.info("credential.revoked", credential_id=credential_id, kind=kind.value)
+    return _credential(row)
+
+
+def _credential(row: asyncpg.Record) -> Credential:
+    return msgspec.convert(dict(row.items()), Credential)
+
+
+class _Entry:
+    __slots__ = ("credential", "secret_sha256")
+
+    def __init__(self, credential: Credential, secret_sha256: bytes) -> None:
+        self.credential = credential
+        self.secret_sha256 = secret_sha256
+
+
+class CredentialCache:
+    """The active credentials, held in memory and checked in constant time.
+
+    The cache reloads when the database announces a change (create, revoke),
+    every ``refresh_interval`` seconds regardless, and on a failed match at
+    most once per ``miss_interval`` seconds, so that a token created a moment
+    ago works at once while a flood of wrong tokens costs one query a second.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        bootstrap: Sequence[tuple[Credential, str]] = (),
+        refresh_interval: float = 30.0,
+        miss_interval: float = 1.0,
+    ) -> None:
+        self._pool = pool
+        self._bootstrap = [_Entry(c, digest(secret)) for c, secret in bootstrap]
+        self._entries: dict[CredentialKind, list[_Entry]] = {kind: [] for kind in CredentialKind}
+        self._loaded_at = 0.0
+        self._refresh_interval = refresh_interval
+        self._miss_interval = miss_interval
+        self._reload_lock = asyncio.Lock()
+        self._used: set[str] = set()
+
+    async def reload(self) -> None:
+        """Read the active credentials from the database."""
+        async with self._reload_lock:
+            async with self._pool.acquire() as connection:
+                rows = await connection.fetch(
+                    f"{_SELECT.replace('FROM', ', secret_sha256 FROM')} "
+                    "WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+                )
+            entries: dict[CredentialKind, list[_Entry]] = {kind: [] for kind in CredentialKind}
+            for entry in self._bootstrap:
+                entries[entry.credential.kind].append(entry)
+            for row in rows:
+                values = dict(row.items())
+                secret_sha256 = values.pop("secret_sha256")
+                credential = msgspec.convert(values, Credential)
+                entries[credential.kind].append(_Entry(credential, secret_sha256))
+            self._entries = entries
+            self._loaded_at = time.monotonic()
+
+    def invalidate(self) -> None:
+        """Make the next check reload (a change was announced)."""
+        self._loaded_at = 0.0
+
+    async def verify(self, presented: str | None, kind: CredentialKind) -> Credential | None:
+        """Return the active credential whose secret is ``presented``, if any."""
+        if not presented:
+            return None
+        age = time.monotonic() - self._loaded_at
+        if age > self._refresh_interval:
+            await self.reload()
+        found = self._match(presented, kind)
+        if found is None and time.monotonic() - self._loaded_at > self._miss_interval:
+            await self.reload()
+            found = self._match(presented, kind)
+        if found is not None:
+            self._used.add(found.id)
+        return found
+
+    def _match(self, presented: str, kind: CredentialKind) -> Credential | None:
+        presented_sha256 = digest(presented)
+        now = datetime.now(UTC)
+        found = None
+        # Compare against every candidate, without stopping at a match, so the
+        # time taken says nothing about which secret (if any) matched.
+        for entry in self._entries[kind]:
+            if hmac.compare_digest(entry.secret_sha256, presented_sha256):
+                found = entry.credential
+        if found is not None and not found.active(now):
+            return None
+        return found
+
+    async def record_use(self) -> None:
+        """Write the last-used time of credentials used since the last call."""
+        used = [i for i in self._used if not i.startswith("env_")]
+        self._used.clear()
+        if used:
+            async with self._pool.acquire() as connection:
+                await connection.execute(
+                    "UPDATE credentials SET last_used_at = now() WHERE id = ANY($1::text[])",
+                    used,
+                )
+
+
+def bootstrap_token(mode: str, secret: str) -> tuple[Credential, str]:
+    """Return a webhook token given in the environment, as a credential."""
+    credential = Credential(
+        id=f"env_{mode}",
+        kind=CredentialKind.WEBHOOK_TOKEN,
+        mode=mode,
+        role=None,
+        label="from the environment",
+        created_at=datetime.now(UTC),
+        expires_at=None,
+        revoked_at=None,
+    )
+    return credential, secret

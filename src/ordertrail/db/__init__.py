@@ -1,0 +1,1 @@
+"""PostgreSQL access: connections, the embedded server and migrations."""

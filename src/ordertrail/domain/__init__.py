@@ -1,0 +1,1 @@
+"""The item lifecycle: status vocabulary, transitions and the item aggregate."""

@@ -1,0 +1,404 @@
+"""Appending to and reading from the events table.
+
+Appends run inside a transaction the caller owns, so the same transaction can
+update read models (read-your-writes) and commit once for many deliveries.
+
+Ordering. Each stream is guarded by a transaction-scoped advisory lock taken
+before anything is written, so the transaction id, which PostgreSQL assigns
+at the first write (the INSERT into events), is allocated only once the
+stream is ours. Within a stream, versions, positions and transaction ids
+therefore all rise together, and (transaction_id, position) is a total order
+of the log that respects every stream's order. Readers tail the log in that
+order and only below the snapshot horizon, where every transaction has ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from ordertrail.eventstore.hashing import GENESIS, canonical, chain_hash
+from ordertrail.eventstore.records import (
+    EVENT_TYPE,
+    Appended,
+    Cursor,
+    Delivery,
+    RecordedEvent,
+    StreamKey,
+)
+
+__all__ = ["EVENTS_CHANNEL", "EventStore", "NewEvent", "stream_lock_key"]
+
+EVENTS_CHANNEL = "ordertrail_events"
+"""NOTIFY channel: the payload is the highest position a commit appended."""
+
+SCHEMA_VERSION = 1
+
+_COLUMNS = (
+    "position, transaction_id, mode, order_id, upc, version, event_type, "
+    "schema_version, raw_status, raw_body, body_sha256, received_at, request_id, "
+    "client_address, token_id, idempotency_key, redelivery_of, previous_hash, hash"
+)
+
+
+def stream_lock_key(stream: StreamKey) -> int:
+    """Return the advisory lock key that guards appends to ``stream``."""
+    text = f"{stream.mode}\x1f{stream.order_id}\x1f{stream.upc}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "big", signed=True)
+
+
+class NewEvent:
+    """A delivery with its place in its stream, ready to insert."""
+
+    __slots__ = ("body_sha256", "delivery", "hash", "position", "previous_hash",
+                 "redelivery_of", "repeats", "version")
+
+    def __init__(self, delivery: Delivery, version: int, previous_hash: bytes,
+                 body_sha256: bytes) -> None:
+        self.delivery = delivery
+        self.version = version
+        self.previous_hash = previous_hash
+        self.body_sha256 = body_sha256
+        self.hash = chain_hash(previous_hash, canonical(
+            mode=delivery.mode,
+            order_id=delivery.order_id,
+            upc=delivery.upc,
+            version=version,
+            event_type=EVENT_TYPE,
+            raw_status=delivery.raw_status,
+            raw_body=delivery.raw_body,
+            received_at=delivery.received_at,
+        ))
+        self.position = 0
+        self.redelivery_of: int | None = None
+        self.repeats: NewEvent | None = None
+        """The original in the same batch, whose position is not known yet."""
+
+    @property
+    def appended(self) -> Appended:
+        """The answer a sender gets for this delivery."""
+        return Appended(self.position, self.version, self.redelivery_of)
+
+    def recorded(self) -> RecordedEvent:
+        """Return the event as a reader will see it once committed.
+
+        The transaction id is left at 0: it is known only to the database,
+        and nothing that reads a fresh append needs it.
+        """
+        d = self.delivery
+        return RecordedEvent(
+            position=self.position,
+            transaction_id=0,
+            mode=d.mode,
+            order_id=d.order_id,
+            upc=d.upc,
+            version=self.version,
+            event_type=EVENT_TYPE,
+            schema_version=SCHEMA_VERSION,
+            raw_status=d.raw_status,
+            raw_body=d.raw_body,
+            body_sha256=self.body_sha256,
+            received_at=d.received_at,
+            request_id=d.request_id,
+            client_address=d.client_address,
+            token_id=d.token_id,
+            idempotency_key=d.idempotency_key,
+            redelivery_of=self.redelivery_of,
+            previous_hash=self.previous_hash,
+            hash=self.hash,
+        )
+
+
+class _Seen:
+    """An original event of a stream, which a later delivery may repeat."""
+
+    __slots__ = ("body_sha256", "event", "idempotency_key", "position", "received_at")
+
+    def __init__(self, position: int, body_sha256: bytes, idempotency_key: str | None,
+                 received_at: datetime, event: NewEvent | None = None) -> None:
+        self.position = position
+        self.body_sha256 = body_sha256
+        self.idempotency_key = idempotency_key
+        self.received_at = received_at
+        self.event = event
+
+
+class _StreamHead:
+    __slots__ = ("hash", "seen", "version")
+
+    def __init__(self, version: int, hash_: bytes) -> None:
+        self.version = version
+        self.hash = hash_
+        self.seen: list[_Seen] = []
+
+
+class EventStore:
+    """The events table, for appends (in a caller's transaction) and reads."""
+
+    def __init__(self, *, redelivery_window: float = 120.0) -> None:
+        self.redelivery_window = timedelta(seconds=redelivery_window)
+
+    async def append(
+        self, connection: asyncpg.Connection, deliveries: Sequence[Delivery]
+    ) -> list[NewEvent]:
+        """Append ``deliveries`` in order, inside the caller's transaction.
+
+        Returns one ``NewEvent`` per delivery, with its position, version and,
+        for a redelivery, the position of the event it repeats.
+        """
+        streams = sorted({delivery.stream for delivery in deliveries})
+        await self._lock(connection, streams)
+        heads = await self._heads(connection, streams, deliveries)
+        events = [self._place(delivery, heads[delivery.stream]) for delivery in deliveries]
+        await self._insert(connection, events)
+        return events
+
+    async def _lock(self, connection: asyncpg.Connection, streams: list[StreamKey]) -> None:
+        # Sorted keys: two transactions always lock shared streams in the same
+        # order, so they queue instead of deadlocking.
+        keys = sorted({stream_lock_key(stream) for stream in streams})
+        await connection.execute(
+            "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key",
+            keys,
+        )
+
+    async def _heads(
+        self,
+        connection: asyncpg.Connection,
+        streams: list[StreamKey],
+        deliveries: Sequence[Delivery],
+    ) -> dict[StreamKey, _StreamHead]:
+        modes, orders, upcs = _columns(streams)
+        rows = await connection.fetch(
+            """
+            SELECT k.mode, k.order_id, k.upc, h.version, h.hash
+            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
+            JOIN LATERAL (
+                SELECT e.version, e.hash FROM events e
+                WHERE e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
+                ORDER BY e.version DESC LIMIT 1
+            ) h ON true
+            """,
+            modes, orders, upcs,
+        )
+        heads = {stream: _StreamHead(0, GENESIS) for stream in streams}
+        for row in rows:
+            heads[StreamKey(row["mode"], row["order_id"], row["upc"])] = _StreamHead(
+                row["version"], row["hash"]
+            )
+        known = [stream for stream in streams if heads[stream].version > 0]
+        if known:
+            await self._recall(connection, known, heads, deliveries)
+        return heads
+
+    async def _recall(
+        self,
+        connection: asyncpg.Connection,
+        streams: list[StreamKey],
+        heads: dict[StreamKey, _StreamHead],
+        deliveries: Sequence[Delivery],
+    ) -> None:
+        # Only originals can be repeated: those received inside the window,
+        # and those whose idempotency key a delivery in this batch presents.
+        earliest = min(delivery.received_at for delivery in deliveries)
+        keys = [d.idempotency_key for d in deliveries if d.idempotency_key is not None]
+        modes, orders, upcs = _columns(streams)
+        rows = await connection.fetch(
+            """
+            SELECT e.mode, e.order_id, e.upc, e.position, e.body_sha256,
+                   e.idempotency_key, e.received_at
+            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
+            JOIN events e
+              ON e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
+            WHERE e.redelivery_of IS NULL
+              AND (e.received_at >= $4 OR e.idempotency_key = ANY($5::text[]))
+            ORDER BY e.position
+            """,
+            modes, orders, upcs, earliest - self.redelivery_window, keys,
+        )
+        for row in rows:
+            heads[StreamKey(row["mode"], row["order_id"], row["upc"])].seen.append(
+                _Seen(row["position"], row["body_sha256"], row["idempotency_key"],
+                      row["received_at"])
+            )
+
+    def _place(self, delivery: Delivery, head: _StreamHead) -> NewEvent:
+        body_sha256 = hashlib.sha256(delivery.raw_body).digest()
+        original = self._original_of(delivery, body_sha256, head.seen)
+        event = NewEvent(delivery, head.version + 1, head.hash, body_sha256)
+        head.version = event.version
+        head.hash = event.hash
+        if original is None:
+            head.seen.append(_Seen(0, body_sha256, delivery.idempotency_key,
+                                   delivery.received_at, event))
+        elif original.event is not None:
+            event.repeats = original.event
+        else:
+            event.redelivery_of = original.position
+        return event
+
+    def _original_of(
+        self, delivery: Delivery, body_sha256: bytes, seen: list[_Seen]
+    ) -> _Seen | None:
+        # An idempotency key, when the sender gives one, is the whole truth:
+        # the same key is a redelivery whatever the body, a new key is not.
+        if delivery.idempotency_key is not None:
+            return next(
+                (s for s in seen if s.idempotency_key == delivery.idempotency_key), None
+            )
+        cutoff = delivery.received_at - self.redelivery_window
+        return next(
+            (s for s in reversed(seen)
+             if s.body_sha256 == body_sha256 and s.received_at >= cutoff),
+            None,
+        )
+
+    async def _insert(self, connection: asyncpg.Connection, events: list[NewEvent]) -> None:
+        if any(event.repeats is not None for event in events):
+            await self._allocate_positions(connection, events)
+        deliveries = [event.delivery for event in events]
+        rows = await connection.fetch(
+            _INSERT_WITH_POSITIONS if events[0].position else _INSERT,
+            [d.mode for d in deliveries],
+            [d.order_id for d in deliveries],
+            [d.upc for d in deliveries],
+            [event.version for event in events],
+            EVENT_TYPE,
+            SCHEMA_VERSION,
+            [d.raw_status for d in deliveries],
+            [d.raw_body for d in deliveries],
+            [event.body_sha256 for event in events],
+            [d.received_at for d in deliveries],
+            [d.request_id for d in deliveries],
+            [d.client_address for d in deliveries],
+            [d.token_id for d in deliveries],
+            [d.idempotency_key for d in deliveries],
+            [event.redelivery_of for event in events],
+            [event.previous_hash for event in events],
+            [event.hash for event in events],
+            [event.position for event in events],
+        )
+        for event, row in zip(events, rows, strict=True):
+            event.position = row["position"]
+
+    async def _allocate_positions(
+        self, connection: asyncpg.Connection, events: list[NewEvent]
+    ) -> None:
+        # A delivery that repeats another of the same batch must name the
+        # original's position, which the INSERT would assign too late.
+        positions = await connection.fetch(
+            "SELECT nextval(pg_get_serial_sequence('events', 'position')) AS position "
+            "FROM generate_series(1, $1)",
+            len(events),
+        )
+        for event, row in zip(events, positions, strict=True):
+            event.position = row["position"]
+        for event in events:
+            if event.repeats is not None:
+                event.redelivery_of = event.repeats.position
+
+    async def read_after(
+        self, connection: asyncpg.Connection, cursor: Cursor, limit: int = 1000
+    ) -> list[RecordedEvent]:
+        """Return up to ``limit`` committed events after ``cursor``, in log order.
+
+        Only events whose transaction id is below the snapshot's xmin are
+        returned. Every transaction below that horizon has ended, and any
+        transaction still to commit has a larger id, so a reader that carries
+        the last returned event's cursor forward never skips an event, however
+        late its transaction commits.
+        """
+        rows = await connection.fetch(
+            f"""
+            SELECT {_COLUMNS} FROM events
+            WHERE (transaction_id, position) > ($1::text::xid8, $2)
+              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+            ORDER BY transaction_id, position
+            LIMIT $3
+            """,
+            str(cursor.transaction_id), cursor.position, limit,
+        )
+        return [_recorded(row) for row in rows]
+
+    async def read_stream(
+        self, connection: asyncpg.Connection, stream: StreamKey, *, after_version: int = 0
+    ) -> list[RecordedEvent]:
+        """Return a stream's events after ``after_version``, in version order."""
+        rows = await connection.fetch(
+            f"""
+            SELECT {_COLUMNS} FROM events
+            WHERE mode = $1 AND order_id = $2 AND upc = $3 AND version > $4
+            ORDER BY version
+            """,
+            stream.mode, stream.order_id, stream.upc, after_version,
+        )
+        return [_recorded(row) for row in rows]
+
+    async def read_order(
+        self,
+        connection: asyncpg.Connection,
+        mode: str,
+        order_id: str,
+        *,
+        after_position: int = 0,
+        limit: int = 1000,
+    ) -> list[RecordedEvent]:
+        """Return the events of every item of an order, in position order."""
+        rows = await connection.fetch(
+            f"""
+            SELECT {_COLUMNS} FROM events
+            WHERE order_id = $1 AND mode = $2 AND position > $3
+            ORDER BY position
+            LIMIT $4
+            """,
+            order_id, mode, after_position, limit,
+        )
+        return [_recorded(row) for row in rows]
+
+
+def _columns(streams: list[StreamKey]) -> tuple[list[str], list[str], list[str]]:
+    return (
+        [stream.mode for stream in streams],
+        [stream.order_id for stream in streams],
+        [stream.upc for stream in streams],
+    )
+
+
+def _recorded(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent(**dict(row.items()))
+
+
+_INSERT_COLUMNS = """
+    mode, order_id, upc, version, event_type, schema_version, raw_status,
+    raw_body, body_sha256, received_at, request_id, client_address, token_id,
+    idempotency_key, redelivery_of, previous_hash, hash"""
+
+_INSERT_SOURCE = """
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $7::text[],
+                $8::bytea[], $9::bytea[], $10::timestamptz[], $11::text[],
+                $12::text[], $13::text[], $14::text[], $15::bigint[],
+                $16::bytea[], $17::bytea[], $18::bigint[])
+         AS d(mode, order_id, upc, version, raw_status, raw_body, body_sha256,
+              received_at, request_id, client_address, token_id, idempotency_key,
+              redelivery_of, previous_hash, hash, position)"""
+
+# unnest yields its rows in array order, and the identity column numbers rows
+# as they are inserted, so positions rise in delivery order.
+_INSERT = f"""
+    INSERT INTO events ({_INSERT_COLUMNS})
+    SELECT mode, order_id, upc, version, $5, $6, raw_status, raw_body,
+           body_sha256, received_at, request_id, client_address, token_id,
+           idempotency_key, redelivery_of, previous_hash, hash
+    {_INSERT_SOURCE}
+    RETURNING position"""
+
+_INSERT_WITH_POSITIONS = f"""
+    INSERT INTO events (position, {_INSERT_COLUMNS}) OVERRIDING SYSTEM VALUE
+    SELECT position, mode, order_id, upc, version, $5, $6, raw_status, raw_body,
+           body_sha256, received_at, request_id, client_address, token_id,
+           idempotency_key, redelivery_of, previous_hash, hash
+    {_INSERT_SOURCE}
+    RETURNING position"""

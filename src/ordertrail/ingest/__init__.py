@@ -1,0 +1,1 @@
+"""Where Locally's webhooks enter: authentication, decoding, group commit."""

@@ -1,0 +1,36 @@
+"""The shape of a Locally webhook body."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+__all__ = ["LocallyWebhook", "decode_webhook"]
+
+_Key = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class LocallyWebhook(msgspec.Struct, frozen=True):
+    """A cart item status webhook, as Locally documents it.
+
+    Only the fields ordertrail needs are read; any other field Locally adds
+    stays in the stored raw body untouched.
+    """
+
+    upc: _Key
+    """The item's UPC."""
+    order_id: _Key
+    """Locally's cart (order) id."""
+    status: Annotated[str, msgspec.Meta(max_length=256)]
+    """The status string, kept verbatim; its meaning is assigned by projections."""
+    order_url: str | None = None
+    """Locally's API address of the cart."""
+
+
+_decoder = msgspec.json.Decoder(LocallyWebhook)
+
+
+def decode_webhook(body: bytes) -> LocallyWebhook:
+    """Decode a raw body; raise ``msgspec.DecodeError`` if it is not a webhook."""
+    return _decoder.decode(body)

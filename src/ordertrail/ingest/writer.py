@@ -1,0 +1,186 @@
+"""Group commit: many deliveries, one transaction, each answered after commit.
+
+Requests hand their delivery to the writer and wait. The writer takes what
+is queued (waiting up to ``commit_delay`` for more, at most ``batch_size``),
+appends it in one transaction that also updates the item view and the
+projection checkpoint, commits, and only then resolves each request. A
+failure before the commit fails every request of the batch, so each answers
+503 and Locally retries; nothing is acknowledged that is not durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+
+import asyncpg
+import structlog
+
+from ordertrail.eventstore.records import Appended, Delivery
+from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore, NewEvent
+from ordertrail.projections.items import PROJECTION_NAME, ItemProjection
+
+__all__ = ["AppendFailed", "GroupCommitWriter", "append_and_project"]
+
+log = structlog.get_logger("ordertrail.ingest")
+
+# Errors that mean the database is out of reach, not that a delivery is bad:
+# retrying the batch one by one would only fail again, more slowly.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+class AppendFailed(Exception):
+    """The delivery was not committed; the sender should retry."""
+
+
+async def append_and_project(
+    connection: asyncpg.Connection,
+    store: EventStore,
+    projection: ItemProjection,
+    deliveries: Sequence[Delivery],
+) -> list[NewEvent]:
+    """Append ``deliveries`` and apply them to the item view, in one transaction.
+
+    The caller's connection must not be in a transaction; this opens one and
+    commits it before returning.
+    """
+    async with connection.transaction():
+        events = await store.append(connection, deliveries)
+        await projection.apply(connection, [event.recorded() for event in events])
+        last = max(event.position for event in events)
+        await connection.execute(
+            """
+            WITH checkpoint AS (
+                UPDATE projections
+                SET checkpoint_xid = pg_current_xact_id(), checkpoint_position = $2,
+                    updated_at = now()
+                WHERE name = $1 AND state = 'serving'
+                  AND (checkpoint_xid, checkpoint_position) < (pg_current_xact_id(), $2)
+            )
+            SELECT pg_notify($3, $2::text)
+            """,
+            PROJECTION_NAME, last, EVENTS_CHANNEL,
+        )
+    return events
+
+
+class _Pending:
+    __slots__ = ("delivery", "future")
+
+    def __init__(self, delivery: Delivery, future: asyncio.Future[Appended]) -> None:
+        self.delivery = delivery
+        self.future = future
+
+
+class GroupCommitWriter:
+    """Shares transactions among concurrent appends."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        store: EventStore,
+        projection: ItemProjection,
+        *,
+        commit_delay: float = 0.002,
+        batch_size: int = 256,
+    ) -> None:
+        self._pool = pool
+        self._store = store
+        self._projection = projection
+        self._commit_delay = commit_delay
+        self._batch_size = batch_size
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start committing in the background."""
+        self._task = asyncio.create_task(self._run(), name="ordertrail-writer")
+
+    async def stop(self) -> None:
+        """Commit what is queued, then stop."""
+        if self._task is None:
+            return
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def append(self, delivery: Delivery) -> Appended:
+        """Append one delivery; return once it is committed.
+
+        Raises ``AppendFailed`` if it was not committed.
+        """
+        if self._task is None or self._task.done():
+            msg = "the writer is not running"
+            raise AppendFailed(msg)
+        future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(delivery, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._gather()
+            await self._commit(batch)
+
+    async def _gather(self) -> list[_Pending]:
+        batch = [await self._queue.get()]
+        deadline = time.monotonic() + self._commit_delay
+        while len(batch) < self._batch_size:
+            if self._queue.empty():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            else:
+                batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            events = await self._write([p.delivery for p in batch])
+        except _UNAVAILABLE as error:
+            log.error("writer.unavailable", error=str(error), batch=len(batch))
+            _fail(batch, error)
+        except Exception as error:  # noqa: BLE001 - isolate the bad delivery
+            if len(batch) == 1:
+                log.exception("writer.failed", batch=1)
+                _fail(batch, error)
+                return
+            # Something in the batch made the transaction fail. Commit each
+            # delivery on its own so one bad delivery cannot sink the others.
+            log.warning("writer.batch_failed", error=str(error), batch=len(batch))
+            for pending in batch:
+                await self._commit([pending])
+        else:
+            for pending, event in zip(batch, events, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(event.appended)
+
+    async def _write(self, deliveries: list[Delivery]) -> list[NewEvent]:
+        async with self._pool.acquire() as connection:
+            return await append_and_project(
+                connection, self._store, self._projection, deliveries
+            )
+
+
+def _fail(batch: list[_Pending], error: BaseException) -> None:
+    for pending in batch:
+        if not pending.future.done():
+            failure = AppendFailed(str(error))
+            failure.__cause__ = error
+            pending.future.set_exception(failure)

@@ -1,0 +1,1 @@
+"""Settings, logging and errors shared by every part of the service."""

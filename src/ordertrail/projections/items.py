@@ -1,0 +1,263 @@
+"""The item projection: one row per item with its lifecycle state.
+
+The same code serves two callers. The ingest writer applies each committed
+batch inline, in the append's own transaction, so a delivery's effect is
+readable the moment its 202 goes out. A rebuild replays the whole log through
+``ItemProjection.fold`` into a fresh table. Applying is idempotent by stream
+version: an event at or below a row's version is already in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent
+from eventsourcing.utils import get_topic
+
+from ordertrail.domain.item import Item, item_id
+from ordertrail.domain.vocabulary import Vocabulary
+from ordertrail.eventstore.records import EVENT_TYPE, RecordedEvent, StreamKey
+from ordertrail.eventstore.store import EventStore
+
+__all__ = ["PROJECTION_NAME", "ItemProjection", "ItemView", "to_domain_event"]
+
+PROJECTION_NAME = "items"
+
+
+class Anomaly(msgspec.Struct, frozen=True):
+    """A report the lifecycle did not allow, kept and flagged."""
+
+    kind: str
+    position: int
+    version: int
+    raw_status: str
+    transition: str | None
+    state: str
+
+
+class ItemView(msgspec.Struct, frozen=True, kw_only=True):
+    """The projected state of one cart item."""
+
+    mode: str
+    order_id: str
+    upc: str
+    state: str
+    fulfilment: str
+    refund: str
+    message_count: int
+    redelivery_count: int
+    event_count: int
+    order_url: str | None
+    last_status: str
+    last_transition: str | None
+    first_event_at: datetime
+    last_event_at: datetime
+    version: int
+    position: int
+    unrecognized_statuses: dict[str, int]
+    anomalies: list[Anomaly]
+
+    @classmethod
+    def of(cls, item: Item) -> ItemView:
+        """Return the view of an item aggregate."""
+        return cls(
+            mode=item.mode,
+            order_id=item.order_id,
+            upc=item.upc,
+            state=item.state.value,
+            fulfilment=item.fulfilment.value,
+            refund=item.refund.value,
+            message_count=item.message_count,
+            redelivery_count=item.redelivery_count,
+            event_count=item.event_count,
+            order_url=item.order_url,
+            last_status=item.last_status,
+            last_transition=item.last_transition.value if item.last_transition else None,
+            first_event_at=item.created_on,
+            last_event_at=item.modified_on,
+            version=item.version,
+            position=item.position,
+            unrecognized_statuses=item.unrecognized_statuses,
+            anomalies=[msgspec.convert(a, Anomaly) for a in item.anomalies],
+        )
+
+
+VIEW_COLUMNS = tuple(ItemView.__struct_fields__)
+
+# Stored events become domain events through the library's mapper, so that
+# ``class_version`` and ``upcast_vN_vM`` on the event class work as documented:
+# an old row's state is upcast on the way in and the projection sees only the
+# current shape.
+_TOPICS = {EVENT_TYPE: get_topic(Item.StatusReported)}
+_mapper: Mapper[Any] = Mapper(transcoder=JSONTranscoder())
+_state_encoder = msgspec.json.Encoder()
+
+
+def to_domain_event(event: RecordedEvent) -> Item.StatusReported:
+    """Return the item domain event a stored event records."""
+    state = {
+        "timestamp": event.received_at.isoformat(),
+        "raw_status": event.raw_status,
+        "order_url": _order_url(event.raw_body),
+        "position": event.position,
+        "redelivery_of": event.redelivery_of,
+    }
+    if event.schema_version != 1:
+        state["class_version"] = event.schema_version
+    domain_event = _mapper.to_domain_event(
+        StoredEvent(
+            originator_id=item_id(event.mode, event.order_id, event.upc),
+            originator_version=event.version,
+            topic=_TOPICS[event.event_type],
+            state=_state_encoder.encode(state),
+        )
+    )
+    assert isinstance(domain_event, Item.StatusReported)
+    if isinstance(domain_event.timestamp, str):
+        object.__setattr__(
+            domain_event, "timestamp", datetime.fromisoformat(domain_event.timestamp)
+        )
+    return domain_event
+
+
+class _OrderUrl(msgspec.Struct):
+    order_url: str | None = None
+
+
+_order_url_decoder = msgspec.json.Decoder(_OrderUrl)
+
+
+def _order_url(raw_body: bytes) -> str | None:
+    try:
+        return _order_url_decoder.decode(raw_body).order_url
+    except msgspec.DecodeError:
+        return None
+
+
+class ItemProjection:
+    """Folds item streams into the item view table."""
+
+    def __init__(
+        self, vocabulary: Vocabulary, store: EventStore, *, table: str = "item_view"
+    ) -> None:
+        self.vocabulary = vocabulary
+        self.store = store
+        self.table = table
+
+    def fold(self, item: Item | None, events: Iterable[RecordedEvent]) -> Item | None:
+        """Apply ``events`` (one stream, in version order) to ``item``."""
+        for event in events:
+            if item is None:
+                item = Item.unreported(
+                    event.mode, event.order_id, event.upc, first_heard=event.received_at
+                )
+            if event.version <= item.version:
+                continue
+            to_domain_event(event).interpreted(self.vocabulary).mutate(item)
+        return item
+
+    async def apply(
+        self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]
+    ) -> list[ItemView]:
+        """Apply committed-in-this-transaction ``events`` to their item rows."""
+        by_stream: dict[StreamKey, list[RecordedEvent]] = {}
+        for event in events:
+            by_stream.setdefault(event.stream, []).append(event)
+        current = await self.load(connection, list(by_stream))
+        views = []
+        for stream, stream_events in by_stream.items():
+            known = current.get(stream)
+            item = Item.restore(known) if known else None
+            applied = item.version if item is not None else 0
+            if stream_events[0].version > applied + 1:
+                # The row lags its stream (it was built before a swap, or an
+                # earlier apply failed): catch up from the log first.
+                missing = await self.store.read_stream(
+                    connection, stream, after_version=applied
+                )
+                stream_events = [e for e in missing if e.version < stream_events[0].version]
+                stream_events += by_stream[stream]
+            item = self.fold(item, stream_events)
+            assert item is not None
+            views.append(ItemView.of(item))
+        await self.save(connection, views)
+        return views
+
+    async def load(
+        self, connection: asyncpg.Connection, streams: list[StreamKey]
+    ) -> dict[StreamKey, dict[str, Any]]:
+        """Return the saved rows of ``streams`` that exist, by stream."""
+        rows = await connection.fetch(
+            f"""
+            SELECT v.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
+            JOIN {self.table} v
+              ON v.mode = k.mode AND v.order_id = k.order_id AND v.upc = k.upc
+            """,  # noqa: S608 - the table name is ours, not input
+            [s.mode for s in streams],
+            [s.order_id for s in streams],
+            [s.upc for s in streams],
+        )
+        return {StreamKey(r["mode"], r["order_id"], r["upc"]): dict(r.items()) for r in rows}
+
+    async def save(self, connection: asyncpg.Connection, views: Sequence[ItemView]) -> None:
+        """Insert or replace the rows of ``views``; never move a row back."""
+        await connection.execute(
+            _upsert_statement(self.table),
+            *([_column_value(view, column) for view in views] for column in VIEW_COLUMNS),
+        )
+
+
+def _upsert_statement(table: str) -> str:
+    columns = ", ".join(VIEW_COLUMNS)
+    # JSON columns travel as text: asyncpg would read a list inside the
+    # parameter array as another array dimension.
+    arrays = ", ".join(
+        f"${i}::{'text' if _SQL_TYPES[c] == 'jsonb' else _SQL_TYPES[c]}[]"
+        for i, c in enumerate(VIEW_COLUMNS, start=1)
+    )
+    selected = ", ".join(
+        f"{c}::jsonb" if _SQL_TYPES[c] == "jsonb" else c for c in VIEW_COLUMNS
+    )
+    updates = ", ".join(f"{c} = excluded.{c}" for c in VIEW_COLUMNS[3:])
+    return f"""
+        INSERT INTO {table} ({columns})
+        SELECT {selected} FROM unnest({arrays}) AS u({columns})
+        ON CONFLICT (mode, order_id, upc) DO UPDATE SET {updates}, updated_at = now()
+        WHERE {table}.version < excluded.version
+    """  # noqa: S608 - names are ours, not input
+
+
+_json = msgspec.json.Encoder()
+
+
+def _column_value(view: ItemView, column: str) -> Any:
+    value = getattr(view, column)
+    if _SQL_TYPES[column] == "jsonb":
+        return _json.encode(value).decode()
+    return value
+
+
+_SQL_TYPES = {
+    "mode": "text",
+    "order_id": "text",
+    "upc": "text",
+    "state": "text",
+    "fulfilment": "text",
+    "refund": "text",
+    "message_count": "int",
+    "redelivery_count": "int",
+    "event_count": "int",
+    "order_url": "text",
+    "last_status": "text",
+    "last_transition": "text",
+    "first_event_at": "timestamptz",
+    "last_event_at": "timestamptz",
+    "version": "int",
+    "position": "bigint",
+    "unrecognized_statuses": "jsonb",
+    "anomalies": "jsonb",
+}
