@@ -1,0 +1,52 @@
+"""The committed contract: the OpenAPI document and the payload JSON Schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from ordertrail.api.app import create_app
+from ordertrail.ingest.payload import LocallyWebhook
+from ordertrail.lib.settings import Settings
+
+__all__ = ["SCHEMA_FILES", "render_schemas", "stale_schemas", "write_schemas"]
+
+SCHEMA_FILES = ("openapi.json", "webhook-payload.schema.json")
+
+
+def _pretty(document: object) -> bytes:
+    return msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n"
+
+
+def render_schemas() -> dict[str, bytes]:
+    """Return each schema file's content as the code defines it now."""
+    app = create_app(Settings())
+    openapi = app.openapi_schema.to_schema()
+    payload = msgspec.json.schema(LocallyWebhook)
+    payload["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    payload["title"] = "Locally cart item webhook"
+    return {
+        "openapi.json": _pretty(openapi),
+        "webhook-payload.schema.json": _pretty(payload),
+    }
+
+
+def write_schemas(folder: Path) -> list[Path]:
+    """Write the schema files into ``folder``; return the paths written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, content in render_schemas().items():
+        path = folder / name
+        path.write_bytes(content)
+        written.append(path)
+    return written
+
+
+def stale_schemas(folder: Path) -> list[str]:
+    """Return the names of schema files in ``folder`` that differ from the code."""
+    return [
+        name
+        for name, content in render_schemas().items()
+        if not (folder / name).exists() or (folder / name).read_bytes() != content
+    ]
