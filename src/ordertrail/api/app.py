@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import structlog
 from litestar import Litestar
 from litestar.datastructures import MutableScopeHeaders
+from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import ScalarRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
@@ -37,7 +38,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
     """
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
         sent = None
@@ -46,7 +47,7 @@ def request_id_middleware(app: ASGIApp) -> ASGIApp:
                 sent = value.decode("latin-1")
                 break
         request_id = sent if sent and _REQUEST_ID.match(sent) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id  # type: ignore[typeddict-item]
+        scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -71,11 +72,14 @@ def openapi_config() -> OpenAPIConfig:
         components=Components(
             security_schemes={
                 "apiKey": SecurityScheme(
-                    type="http", scheme="bearer",
+                    type="http",
+                    scheme="bearer",
                     description="An API key from `ordertrail keys create`.",
                 ),
                 "webhookToken": SecurityScheme(
-                    type="apiKey", name="locally-webhook-token", security_scheme_in="header",
+                    type="apiKey",
+                    name="locally-webhook-token",
+                    security_scheme_in="header",
                     description="A webhook token from `ordertrail tokens create`.",
                 ),
             }

@@ -33,7 +33,9 @@ async def live() -> Health:
     "/health/ready",
     tags=["health"],
     summary="The service can take webhooks",
-    responses={503: ResponseSpec(Health, description="Database unreachable or schema behind")},
+    responses={
+        503: ResponseSpec(Health, description="Database unreachable or schema behind")
+    },
 )
 async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
     """Answer 200 when the database answers and its schema is current."""

@@ -79,19 +79,27 @@ class OrdersController(Controller):
 
     @get("/{order_id:str}", summary="An order with all its items")
     async def order(
-        self, request: Request[Any, Any, Any], order_id: str, mode: ModeParameter = "live"
+        self,
+        request: Request[Any, Any, Any],
+        order_id: str,
+        mode: ModeParameter = "live",
     ) -> OrderView:
         """Return the order's items and the roll-up of their states."""
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             rows = await connection.fetch(
-                f"SELECT {_ITEM_COLUMNS} FROM item_view "  # noqa: S608 - fixed columns
+                f"SELECT {_ITEM_COLUMNS} FROM item_view "
                 "WHERE order_id = $1 AND mode = $2",
-                order_id, mode,
+                order_id,
+                mode,
             )
         if not rows:
-            raise ProblemError(404, "order-not-found", "No such order",
-                               f"no {mode} events for order {order_id!r}")
+            raise ProblemError(
+                404,
+                "order-not-found",
+                "No such order",
+                f"no {mode} events for order {order_id!r}",
+            )
         return roll_up([_item(row) for row in rows])
 
     @get("/{order_id:str}/items/{upc:str}", summary="One item of an order")
@@ -106,13 +114,19 @@ class OrdersController(Controller):
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             row = await connection.fetchrow(
-                f"SELECT {_ITEM_COLUMNS} FROM item_view "  # noqa: S608 - fixed columns
+                f"SELECT {_ITEM_COLUMNS} FROM item_view "
                 "WHERE order_id = $1 AND mode = $2 AND upc = $3",
-                order_id, mode, upc,
+                order_id,
+                mode,
+                upc,
             )
         if row is None:
-            raise ProblemError(404, "item-not-found", "No such item",
-                               f"no {mode} events for UPC {upc!r} in order {order_id!r}")
+            raise ProblemError(
+                404,
+                "item-not-found",
+                "No such item",
+                f"no {mode} events for UPC {upc!r} in order {order_id!r}",
+            )
         return _item(row)
 
     @get(
@@ -137,15 +151,21 @@ class OrdersController(Controller):
                 connection, mode, order_id, after_position=after, limit=limit + 1
             )
         if not events and after == 0:
-            raise ProblemError(404, "order-not-found", "No such order",
-                               f"no {mode} events for order {order_id!r}")
+            raise ProblemError(
+                404,
+                "order-not-found",
+                "No such order",
+                f"no {mode} events for order {order_id!r}",
+            )
         page = events[:limit]
         vocabulary = services.vocabulary
         return EventHistory(
             mode=mode,
             order_id=order_id,
-            events=[_history_event(event, vocabulary.meaning(event.raw_status))
-                    for event in page],
+            events=[
+                _history_event(event, vocabulary.meaning(event.raw_status))
+                for event in page
+            ],
             next_after=page[-1].position if len(events) > limit else None,
         )
 

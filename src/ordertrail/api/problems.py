@@ -6,9 +6,13 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException, NotAuthorizedException, ValidationException
+from litestar.exceptions import (
+    HTTPException,
+    NotAuthorizedException,
+    ValidationException,
+)
 
-__all__ = ["Problem", "ProblemError", "problem_response", "exception_handlers"]
+__all__ = ["Problem", "ProblemError", "exception_handlers", "problem_response"]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -80,10 +84,16 @@ def _request_id(request: Request[Any, Any, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _on_problem(request: Request[Any, Any, Any], error: ProblemError) -> Response[bytes]:
+def _on_problem(
+    request: Request[Any, Any, Any], error: ProblemError
+) -> Response[bytes]:
     return problem_response(
-        error.status, error.name, error.title, error.detail,
-        parameter=error.parameter, headers=error.headers,
+        error.status,
+        error.name,
+        error.title,
+        error.detail,
+        parameter=error.parameter,
+        headers=error.headers,
         request_id=_request_id(request),
     )
 
@@ -96,8 +106,12 @@ def _on_validation(
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
         parameter = extra[0].get("key")
     return problem_response(
-        400, "invalid-parameter", "A request parameter is not valid",
-        error.detail, parameter=parameter, request_id=_request_id(request),
+        400,
+        "invalid-parameter",
+        "A request parameter is not valid",
+        error.detail,
+        parameter=parameter,
+        request_id=_request_id(request),
     )
 
 
@@ -105,7 +119,10 @@ def _on_unauthorized(
     request: Request[Any, Any, Any], error: NotAuthorizedException
 ) -> Response[bytes]:
     return problem_response(
-        401, "unauthorized", "A valid API key is required", error.detail,
+        401,
+        "unauthorized",
+        "A valid API key is required",
+        error.detail,
         headers={"WWW-Authenticate": 'Bearer realm="ordertrail"'},
         request_id=_request_id(request),
     )
@@ -116,7 +133,9 @@ def _on_http(request: Request[Any, Any, Any], error: HTTPException) -> Response[
         error.status_code, "http-error"
     )
     return problem_response(
-        error.status_code, name, error.detail or "HTTP error",
+        error.status_code,
+        name,
+        error.detail or "HTTP error",
         request_id=_request_id(request),
     )
 

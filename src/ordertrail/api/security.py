@@ -30,7 +30,9 @@ def requires(role: Role) -> Guard:
         connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
     ) -> None:
         services: Services = connection.app.state.services
-        key = await services.credentials.verify(_bearer(connection), CredentialKind.API_KEY)
+        key = await services.credentials.verify(
+            _bearer(connection), CredentialKind.API_KEY
+        )
         if key is None or key.role is None:
             raise NotAuthorizedException("missing, unknown, expired or revoked API key")
         if not key.role.allows(role):

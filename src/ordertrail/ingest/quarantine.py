@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 import structlog
 
+from ordertrail.db.connection import Connection
 from ordertrail.eventstore.records import Delivery
 from ordertrail.eventstore.store import EventStore
 from ordertrail.ingest.payload import decode_webhook
@@ -55,7 +56,7 @@ class Release(msgspec.Struct, frozen=True):
 
 
 async def hold(
-    connection: asyncpg.Connection | asyncpg.Pool,
+    connection: Connection | asyncpg.Pool,
     *,
     received_at: datetime,
     mode: str,
@@ -77,8 +78,17 @@ async def hold(
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
         RETURNING id
         """,
-        received_at, mode, request_id, client_address, token_id, content_type,
-        idempotency_key, raw_body, body_length, truncated, reason,
+        received_at,
+        mode,
+        request_id,
+        client_address,
+        token_id,
+        content_type,
+        idempotency_key,
+        raw_body,
+        body_length,
+        truncated,
+        reason,
     )
     assert isinstance(quarantine_id, int)
     return quarantine_id
@@ -92,28 +102,29 @@ _COLUMNS = (
 
 
 async def list_held(
-    connection: asyncpg.Connection, *, include_released: bool = False, limit: int = 100
+    connection: Connection, *, include_released: bool = False, limit: int = 100
 ) -> list[Quarantined]:
     """Return quarantined deliveries, oldest first."""
     rows = await connection.fetch(
-        f"SELECT {_COLUMNS} FROM quarantine "  # noqa: S608 - fixed column list
+        f"SELECT {_COLUMNS} FROM quarantine "
         "WHERE $1 OR released_at IS NULL ORDER BY id LIMIT $2",
-        include_released, limit,
+        include_released,
+        limit,
     )
     return [Quarantined(**dict(row.items())) for row in rows]
 
 
-async def show(connection: asyncpg.Connection, quarantine_id: int) -> Quarantined | None:
+async def show(connection: Connection, quarantine_id: int) -> Quarantined | None:
     """Return one quarantined delivery."""
     row = await connection.fetchrow(
-        f"SELECT {_COLUMNS} FROM quarantine WHERE id = $1",  # noqa: S608
+        f"SELECT {_COLUMNS} FROM quarantine WHERE id = $1",
         quarantine_id,
     )
     return Quarantined(**dict(row.items())) if row is not None else None
 
 
 async def release(
-    connection: asyncpg.Connection,
+    connection: Connection,
     store: EventStore,
     projection: ItemProjection,
     quarantine_id: int,
@@ -126,13 +137,22 @@ async def release(
     """
     held = await show(connection, quarantine_id)
     if held is None:
-        return Release(quarantine_id, released=False, reason="no such quarantined delivery")
+        return Release(
+            quarantine_id, released=False, reason="no such quarantined delivery"
+        )
     if held.released_at is not None:
-        return Release(quarantine_id, released=False, position=held.released_position,
-                       reason="already released")
+        return Release(
+            quarantine_id,
+            released=False,
+            position=held.released_position,
+            reason="already released",
+        )
     if held.truncated:
-        return Release(quarantine_id, released=False,
-                       reason="only the first part of this body was kept")
+        return Release(
+            quarantine_id,
+            released=False,
+            reason="only the first part of this body was kept",
+        )
     try:
         webhook = decode_webhook(held.raw_body)
     except msgspec.DecodeError as error:
@@ -154,8 +174,14 @@ async def release(
         await connection.execute(
             "UPDATE quarantine SET released_at = now(), released_position = $2 "
             "WHERE id = $1",
-            quarantine_id, event.position,
+            quarantine_id,
+            event.position,
         )
-    log.info("quarantine.released", quarantine_id=quarantine_id, position=event.position,
-             order_id=delivery.order_id, upc=delivery.upc)
+    log.info(
+        "quarantine.released",
+        quarantine_id=quarantine_id,
+        position=event.position,
+        order_id=delivery.order_id,
+        upc=delivery.upc,
+    )
     return Release(quarantine_id, released=True, position=event.position)

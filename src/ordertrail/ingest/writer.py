@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import asyncpg
 import structlog
 
+from ordertrail.db.connection import Connection
 from ordertrail.eventstore.records import Appended, Delivery
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore, NewEvent
 from ordertrail.projections.items import PROJECTION_NAME, ItemProjection
@@ -44,7 +45,7 @@ class AppendFailed(Exception):
 
 
 async def append_and_project(
-    connection: asyncpg.Connection,
+    connection: Connection,
     store: EventStore,
     projection: ItemProjection,
     deliveries: Sequence[Delivery],
@@ -69,7 +70,9 @@ async def append_and_project(
             )
             SELECT pg_notify($3, $2::text)
             """,
-            PROJECTION_NAME, last, EVENTS_CHANNEL,
+            PROJECTION_NAME,
+            last,
+            EVENTS_CHANNEL,
         )
     return events
 
@@ -106,12 +109,13 @@ class GroupCommitWriter:
         """Start committing in the background."""
         self._task = asyncio.create_task(self._run(), name="ordertrail-writer")
 
-    async def stop(self) -> None:
-        """Commit what is queued, then stop."""
+    async def stop(self, grace: float = 10.0) -> None:
+        """Commit what is queued (for up to ``grace`` seconds), then stop."""
         if self._task is None:
             return
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._queue.join()
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
@@ -132,7 +136,11 @@ class GroupCommitWriter:
     async def _run(self) -> None:
         while True:
             batch = await self._gather()
-            await self._commit(batch)
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
 
     async def _gather(self) -> list[_Pending]:
         batch = [await self._queue.get()]
@@ -154,9 +162,11 @@ class GroupCommitWriter:
         try:
             events = await self._write([p.delivery for p in batch])
         except _UNAVAILABLE as error:
-            log.error("writer.unavailable", error=str(error), batch=len(batch))
+            log.error(  # noqa: TRY400 - the database is down; no traceback needed
+                "writer.unavailable", error=str(error), batch=len(batch)
+            )
             _fail(batch, error)
-        except Exception as error:  # noqa: BLE001 - isolate the bad delivery
+        except Exception as error:
             if len(batch) == 1:
                 log.exception("writer.failed", batch=1)
                 _fail(batch, error)

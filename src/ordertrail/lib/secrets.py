@@ -7,7 +7,7 @@ import secrets
 
 __all__ = ["API_KEY_PREFIX", "WEBHOOK_TOKEN_PREFIX", "digest", "new_id", "new_secret"]
 
-WEBHOOK_TOKEN_PREFIX = "otw_"
+WEBHOOK_TOKEN_PREFIX = "otw_"  # noqa: S105 - a prefix, not a secret
 API_KEY_PREFIX = "otk_"
 
 

@@ -85,5 +85,5 @@ def _explain(error: msgspec.ValidationError) -> str:
     marker = "at `$."
     if marker in message:
         field = message.rsplit(marker, 1)[1].rstrip("`")
-        message = f"{PREFIX}{field.upper()}: {message.split(' - at')[0]}"
+        message = f"{PREFIX}{field.upper()}: {message.split(' - at', maxsplit=1)[0]}"
     return message

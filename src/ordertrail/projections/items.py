@@ -13,11 +13,16 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-import asyncpg
 import msgspec
-from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent
+from eventsourcing.persistence import (
+    DatetimeAsISO,
+    JSONTranscoder,
+    Mapper,
+    StoredEvent,
+)
 from eventsourcing.utils import get_topic
 
+from ordertrail.db.connection import Connection
 from ordertrail.domain.item import Item, item_id
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.records import EVENT_TYPE, RecordedEvent, StreamKey
@@ -76,7 +81,9 @@ class ItemView(msgspec.Struct, frozen=True, kw_only=True):
             event_count=item.event_count,
             order_url=item.order_url,
             last_status=item.last_status,
-            last_transition=item.last_transition.value if item.last_transition else None,
+            last_transition=item.last_transition.value
+            if item.last_transition
+            else None,
             first_event_at=item.created_on,
             last_event_at=item.modified_on,
             version=item.version,
@@ -93,14 +100,19 @@ VIEW_COLUMNS = tuple(ItemView.__struct_fields__)
 # an old row's state is upcast on the way in and the projection sees only the
 # current shape.
 _TOPICS = {EVENT_TYPE: get_topic(Item.StatusReported)}
-_mapper: Mapper[Any] = Mapper(transcoder=JSONTranscoder())
+_transcoder = JSONTranscoder()
+_transcoder.register(DatetimeAsISO())
+_mapper: Mapper[Any] = Mapper(transcoder=_transcoder)
 _state_encoder = msgspec.json.Encoder()
 
 
 def to_domain_event(event: RecordedEvent) -> Item.StatusReported:
     """Return the item domain event a stored event records."""
     state = {
-        "timestamp": event.received_at.isoformat(),
+        "timestamp": {
+            "_type_": "datetime_iso",
+            "_data_": event.received_at.isoformat(),
+        },
         "raw_status": event.raw_status,
         "order_url": _order_url(event.raw_body),
         "position": event.position,
@@ -117,10 +129,6 @@ def to_domain_event(event: RecordedEvent) -> Item.StatusReported:
         )
     )
     assert isinstance(domain_event, Item.StatusReported)
-    if isinstance(domain_event.timestamp, str):
-        object.__setattr__(
-            domain_event, "timestamp", datetime.fromisoformat(domain_event.timestamp)
-        )
     return domain_event
 
 
@@ -161,7 +169,7 @@ class ItemProjection:
         return item
 
     async def apply(
-        self, connection: asyncpg.Connection, events: Sequence[RecordedEvent]
+        self, connection: Connection, events: Sequence[RecordedEvent]
     ) -> list[ItemView]:
         """Apply committed-in-this-transaction ``events`` to their item rows."""
         by_stream: dict[StreamKey, list[RecordedEvent]] = {}
@@ -169,45 +177,52 @@ class ItemProjection:
             by_stream.setdefault(event.stream, []).append(event)
         current = await self.load(connection, list(by_stream))
         views = []
-        for stream, stream_events in by_stream.items():
+        for stream, fresh in by_stream.items():
             known = current.get(stream)
             item = Item.restore(known) if known else None
             applied = item.version if item is not None else 0
-            if stream_events[0].version > applied + 1:
+            pending = fresh
+            if fresh[0].version > applied + 1:
                 # The row lags its stream (it was built before a swap, or an
                 # earlier apply failed): catch up from the log first.
                 missing = await self.store.read_stream(
                     connection, stream, after_version=applied
                 )
-                stream_events = [e for e in missing if e.version < stream_events[0].version]
-                stream_events += by_stream[stream]
-            item = self.fold(item, stream_events)
+                pending = [e for e in missing if e.version < fresh[0].version]
+                pending += fresh
+            item = self.fold(item, pending)
             assert item is not None
             views.append(ItemView.of(item))
         await self.save(connection, views)
         return views
 
     async def load(
-        self, connection: asyncpg.Connection, streams: list[StreamKey]
+        self, connection: Connection, streams: list[StreamKey]
     ) -> dict[StreamKey, dict[str, Any]]:
         """Return the saved rows of ``streams`` that exist, by stream."""
         rows = await connection.fetch(
             f"""
-            SELECT v.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
+            SELECT v.*
+            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
             JOIN {self.table} v
               ON v.mode = k.mode AND v.order_id = k.order_id AND v.upc = k.upc
-            """,  # noqa: S608 - the table name is ours, not input
+            """,
             [s.mode for s in streams],
             [s.order_id for s in streams],
             [s.upc for s in streams],
         )
-        return {StreamKey(r["mode"], r["order_id"], r["upc"]): dict(r.items()) for r in rows}
+        return {
+            StreamKey(r["mode"], r["order_id"], r["upc"]): dict(r.items()) for r in rows
+        }
 
-    async def save(self, connection: asyncpg.Connection, views: Sequence[ItemView]) -> None:
+    async def save(self, connection: Connection, views: Sequence[ItemView]) -> None:
         """Insert or replace the rows of ``views``; never move a row back."""
         await connection.execute(
             _upsert_statement(self.table),
-            *([_column_value(view, column) for view in views] for column in VIEW_COLUMNS),
+            *(
+                [_column_value(view, column) for view in views]
+                for column in VIEW_COLUMNS
+            ),
         )
 
 
@@ -228,7 +243,7 @@ def _upsert_statement(table: str) -> str:
         SELECT {selected} FROM unnest({arrays}) AS u({columns})
         ON CONFLICT (mode, order_id, upc) DO UPDATE SET {updates}, updated_at = now()
         WHERE {table}.version < excluded.version
-    """  # noqa: S608 - names are ours, not input
+    """
 
 
 _json = msgspec.json.Encoder()

@@ -1,0 +1,5 @@
+"""``python -m ordertrail`` runs the ``ordertrail`` command."""
+
+from ordertrail.cli.main import cli
+
+cli()

@@ -1,0 +1,74 @@
+"""What every command shares: settings, a database connection, durations."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import asyncpg
+import click
+
+from ordertrail.db.connection import Connection, connect, database_url
+from ordertrail.lib.logging import configure_logging
+from ordertrail.lib.settings import Settings, SettingsError
+
+__all__ = ["DURATION", "load_settings", "with_connection"]
+
+T = TypeVar("T")
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw])\s*$")
+
+
+class DurationType(click.ParamType[timedelta, object]):
+    """A duration such as ``90s``, ``15m``, ``12h``, ``30d`` or ``2w``."""
+
+    name = "duration"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        match = _DURATION.match(str(value))
+        if match is None:
+            self.fail(
+                f"{value!r} is not a duration like 90s, 15m, 12h, 30d or 2w", param, ctx
+            )
+        amount, unit = match.groups()
+        return timedelta(seconds=int(amount) * _UNITS[unit])
+
+
+DURATION = DurationType()
+
+
+def load_settings() -> Settings:
+    """Read the settings, turning a bad variable into a usage error."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as error:
+        raise click.UsageError(str(error)) from None
+    configure_logging("warning", "console")
+    return settings
+
+
+def with_connection(
+    settings: Settings, work: Callable[[Connection], Awaitable[T]]
+) -> T:
+    """Run ``work`` on one connection to the configured database."""
+
+    async def run(dsn: str) -> T:
+        try:
+            connection = await connect(dsn)
+        except (OSError, asyncpg.PostgresError) as error:
+            raise click.ClickException(f"cannot reach the database: {error}") from None
+        try:
+            return await work(connection)
+        finally:
+            await connection.close()
+
+    with database_url(settings) as dsn:
+        return asyncio.run(run(dsn))
