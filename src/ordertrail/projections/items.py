@@ -241,7 +241,8 @@ def _upsert_statement(table: str) -> str:
     return f"""
         INSERT INTO {table} ({columns})
         SELECT {selected} FROM unnest({arrays}) AS u({columns})
-        ON CONFLICT (mode, order_id, upc) DO UPDATE SET {updates}, updated_at = now()
+        ON CONFLICT (mode, order_id, upc) DO UPDATE
+        SET {updates}, updated_at = now(), change_xid = pg_current_xact_id()
         WHERE {table}.version < excluded.version
     """
 

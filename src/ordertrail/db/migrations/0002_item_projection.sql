@@ -39,10 +39,15 @@ CREATE TABLE item_view_v1 (
     unrecognized_statuses jsonb       NOT NULL,
     anomalies             jsonb       NOT NULL,
     updated_at            timestamptz NOT NULL DEFAULT now(),
+    -- The transaction that last changed the row: the change feed reads rows
+    -- in (change_xid, position) order below the snapshot horizon, as the
+    -- event log is read, so a poller never passes a change that commits late.
+    change_xid            xid8        NOT NULL DEFAULT pg_current_xact_id(),
     PRIMARY KEY (mode, order_id, upc)
 );
 
 CREATE INDEX item_view_v1_state ON item_view_v1 (mode, state);
+CREATE INDEX item_view_v1_changes ON item_view_v1 (mode, change_xid, position);
 
 INSERT INTO projections (name, version, table_name, state)
 VALUES ('items', 1, 'item_view_v1', 'serving');
