@@ -18,6 +18,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from ordertrail import __version__
 from ordertrail.api.health import live, ready
+from ordertrail.api.items import changes, items
 from ordertrail.api.orders import OrdersController
 from ordertrail.api.problems import exception_handlers
 from ordertrail.api.services import running_services
@@ -101,7 +102,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[receive_webhook, OrdersController, live, ready],
+        route_handlers=[receive_webhook, OrdersController, changes, items, live, ready],
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=exception_handlers,

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import base64
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, get
+from litestar import Controller, Request, Response, get
+from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 
+from ordertrail.api.conditional import fresh, not_modified, validators
+from ordertrail.api.parameters import ModeParameter
 from ordertrail.api.problems import ProblemError
 from ordertrail.api.security import requires
 from ordertrail.api.services import Services
@@ -19,11 +22,6 @@ from ordertrail.projections.items import ItemView
 from ordertrail.projections.orders import OrderView, roll_up
 
 __all__ = ["EventHistory", "HistoryEvent", "OrdersController"]
-
-Mode = Literal["live", "test"]
-ModeParameter = Annotated[
-    Mode, Parameter(description="Which connectivity's data to read: live or test.")
-]
 
 
 class HistoryEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,6 +62,18 @@ class EventHistory(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _ITEM_COLUMNS = ", ".join(ItemView.__struct_fields__)
+_VALIDATOR_HEADERS = [
+    ResponseHeader(
+        name="ETag",
+        description="Changes whenever the view does; send it in If-None-Match.",
+        documentation_only=True,
+    ),
+    ResponseHeader(
+        name="Cache-Control",
+        description="no-cache: revalidate before reusing a copy.",
+        documentation_only=True,
+    ),
+]
 
 
 def _item(row: Any) -> ItemView:
@@ -77,13 +87,17 @@ class OrdersController(Controller):
     tags = ["orders"]  # noqa: RUF012 - litestar reads a plain list
     guards = [requires(Role.READER)]  # noqa: RUF012
 
-    @get("/{order_id:str}", summary="An order with all its items")
+    @get(
+        "/{order_id:str}",
+        summary="An order with all its items",
+        response_headers=_VALIDATOR_HEADERS,
+    )
     async def order(
         self,
         request: Request[Any, Any, Any],
         order_id: str,
         mode: ModeParameter = "live",
-    ) -> OrderView:
+    ) -> Response[OrderView] | Response[None]:
         """Return the order's items and the roll-up of their states."""
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
@@ -100,16 +114,27 @@ class OrdersController(Controller):
                 "No such order",
                 f"no {mode} events for order {order_id!r}",
             )
-        return roll_up([_item(row) for row in rows])
+        # An order changes only when one of its items takes a new event, and
+        # positions only grow, so the highest one identifies its state.
+        latest = max(row["position"] for row in rows)
+        etag = f'"{services.projection.tag}.{latest}.{len(rows)}"'
+        if fresh(request, etag):
+            return not_modified(etag)
+        view = roll_up([_item(row) for row in rows])
+        return Response(view, headers=validators(etag))
 
-    @get("/{order_id:str}/items/{upc:str}", summary="One item of an order")
+    @get(
+        "/{order_id:str}/items/{upc:str}",
+        summary="One item of an order",
+        response_headers=_VALIDATOR_HEADERS,
+    )
     async def item(
         self,
         request: Request[Any, Any, Any],
         order_id: str,
         upc: str,
         mode: ModeParameter = "live",
-    ) -> ItemView:
+    ) -> Response[ItemView] | Response[None]:
         """Return one item's projected state."""
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
@@ -127,7 +152,10 @@ class OrdersController(Controller):
                 "No such item",
                 f"no {mode} events for UPC {upc!r} in order {order_id!r}",
             )
-        return _item(row)
+        etag = f'"{services.projection.tag}.{row["version"]}"'
+        if fresh(request, etag):
+            return not_modified(etag)
+        return Response(_item(row), headers=validators(etag))
 
     @get(
         "/{order_id:str}/events",

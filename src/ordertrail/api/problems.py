@@ -102,17 +102,32 @@ def _on_validation(
     request: Request[Any, Any, Any], error: ValidationException
 ) -> Response[bytes]:
     parameter = None
+    detail = error.detail
     extra = error.extra
     if isinstance(extra, list) and extra and isinstance(extra[0], dict):
-        parameter = extra[0].get("key")
+        parameter = _public_name(request, str(extra[0].get("key", "")))
+        message = extra[0].get("message")
+        if parameter and message:
+            detail = f"{parameter}: {message}"
     return problem_response(
         400,
         "invalid-parameter",
         "A request parameter is not valid",
-        error.detail,
-        parameter=parameter,
+        detail,
+        parameter=parameter or None,
         request_id=_request_id(request),
     )
+
+
+def _public_name(request: Request[Any, Any, Any], argument: str) -> str:
+    # A handler argument may read a query parameter of another name; the
+    # client only knows the query's.
+    try:
+        field = request.route_handler.parsed_fn_signature.parameters[argument]
+    except (AttributeError, KeyError):
+        return argument
+    alias = getattr(field.kwarg_definition, "query", None)
+    return alias if isinstance(alias, str) else argument
 
 
 def _on_unauthorized(

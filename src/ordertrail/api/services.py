@@ -22,6 +22,7 @@ from ordertrail.eventstore.notifications import Listener, PositionSignal
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore
 from ordertrail.ingest.writer import GroupCommitWriter
 from ordertrail.lib.settings import Settings
+from ordertrail.projections.feed import FeedHead
 from ordertrail.projections.items import ItemProjection
 
 __all__ = ["Services", "running_services"]
@@ -43,6 +44,7 @@ class Services:
     credentials: CredentialCache
     listener: Listener
     appended: PositionSignal
+    feed: FeedHead
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def migrations_current(self) -> bool:
@@ -83,6 +85,7 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         )
         if secret
     ]
+    appended = PositionSignal()
     return Services(
         settings=settings,
         dsn=dsn,
@@ -99,7 +102,8 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         ),
         credentials=CredentialCache(pool, bootstrap=bootstrap),
         listener=Listener(dsn),
-        appended=PositionSignal(),
+        appended=appended,
+        feed=FeedHead(pool, appended),
     )
 
 
@@ -111,6 +115,7 @@ async def _start(services: Services) -> None:
     await services.listener.start()
     await services.credentials.reload()
     await services.writer.start()
+    await services.feed.start()
     services.background.append(
         asyncio.create_task(
             _record_credential_use(services), name="ordertrail-last-used"
@@ -124,6 +129,7 @@ async def _stop(services: Services) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await services.feed.stop()
     await services.writer.stop()
     await services.listener.stop()
     with contextlib.suppress(Exception):

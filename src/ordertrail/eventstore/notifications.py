@@ -101,14 +101,30 @@ class PositionSignal:
 
     def __init__(self) -> None:
         self.latest = 0
+        """The highest position announced so far."""
+        self.count = 0
+        """How many notices arrived: a waiter compares it with what it saw."""
         self._changed = asyncio.Event()
 
     def notice(self, payload: str | None) -> None:
         """Handle an events notification (or a reconnect, ``None``)."""
         if payload is not None and payload.isdigit():
             self.latest = max(self.latest, int(payload))
+        self.count += 1
         self._changed.set()
         self._changed = asyncio.Event()
+
+    async def wait_after(self, seen: int, seconds: float) -> int:
+        """Wait for a notice after the ``seen``-th; return the current count.
+
+        Returns at once if one already arrived, so nothing announced while
+        the caller was busy is missed.
+        """
+        if self.count == seen:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._changed.wait()
+        return self.count
 
     async def wait(self, seconds: float) -> bool:
         """Wait until the next append or reconnect; False after ``seconds``."""

@@ -28,9 +28,17 @@ from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.records import EVENT_TYPE, RecordedEvent, StreamKey
 from ordertrail.eventstore.store import EventStore
 
-__all__ = ["PROJECTION_NAME", "ItemProjection", "ItemView", "to_domain_event"]
+__all__ = [
+    "PROJECTION_NAME",
+    "PROJECTION_VERSION",
+    "ItemProjection",
+    "ItemView",
+    "to_domain_event",
+]
 
 PROJECTION_NAME = "items"
+PROJECTION_VERSION = 1
+"""The served version of the item view's table (``item_view_v1``)."""
 
 
 class Anomaly(msgspec.Struct, frozen=True):
@@ -155,6 +163,15 @@ class ItemProjection:
         self.vocabulary = vocabulary
         self.store = store
         self.table = table
+
+    @property
+    def tag(self) -> str:
+        """Names what the view's content depends on besides the events.
+
+        The same stream version renders differently under another projection
+        version or vocabulary, so entity tags of views include this.
+        """
+        return f"{PROJECTION_VERSION}.{self.vocabulary.digest[:12]}"
 
     def fold(self, item: Item | None, events: Iterable[RecordedEvent]) -> Item | None:
         """Apply ``events`` (one stream, in version order) to ``item``."""

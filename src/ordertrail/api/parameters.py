@@ -1,0 +1,55 @@
+"""Query parameters shared by the read endpoints."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from litestar.params import Parameter
+
+from ordertrail.domain.item import ItemState
+from ordertrail.domain.vocabulary import Fulfilment
+
+__all__ = [
+    "FulfilmentFilter",
+    "Limit",
+    "ModeParameter",
+    "OrderFilter",
+    "PageCursor",
+    "StateFilter",
+    "UpdatedAfter",
+    "Wait",
+]
+
+LONGEST_WAIT = 30.0
+
+ModeParameter = Annotated[
+    Literal["live", "test"],
+    Parameter(description="Which connectivity's data to read: live or test."),
+]
+Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size, 1 to 1000.")]
+PageCursor = Annotated[
+    str | None,
+    Parameter(description="The `next` of an earlier page; omit to start at the top."),
+]
+Wait = Annotated[
+    float,
+    Parameter(
+        ge=0,
+        le=LONGEST_WAIT,
+        description="Seconds to hold the request when nothing changed yet, up to 30.",
+    ),
+]
+# "state" is a name litestar reserves for the application state, so the
+# handler argument has another name and the query parameter keeps this one.
+StateFilter = Annotated[
+    ItemState | None, Parameter(query="state", description="Lifecycle state.")
+]
+FulfilmentFilter = Annotated[
+    Fulfilment | None, Parameter(description="How the item reaches the shopper.")
+]
+UpdatedAfter = Annotated[
+    datetime | None,
+    Parameter(description="Only items whose view changed after this RFC 3339 time."),
+]
+OrderFilter = Annotated[str | None, Parameter(description="Only this order's items.")]

@@ -1,0 +1,113 @@
+"""Where the change feed stands: the newest visible change per mode.
+
+Long-polling clients wait for the feed to move past their cursor. Rather than
+each of them querying on every commit, one task follows the events channel,
+reads the feed's head (one index probe per mode) and wakes only the waiters
+the head has passed. Hundreds of idle pollers cost an awaiting coroutine each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import structlog
+
+from ordertrail.eventstore.notifications import PositionSignal
+
+__all__ = ["FeedHead", "FeedPlace"]
+
+log = structlog.get_logger("ordertrail.feed")
+
+FeedPlace = tuple[int, int]
+"""A place in the change feed: (change_xid, position) of an item row."""
+
+_HEAD = """
+    SELECT change_xid, position FROM item_view
+    WHERE mode = $1 AND change_xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY change_xid DESC, position DESC
+    LIMIT 1
+"""
+
+# After a commit is announced the head may not move at once: a transaction
+# still open elsewhere holds the snapshot horizon back. Look again at these
+# growing intervals until it moves.
+_RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class FeedHead:
+    """Follows the newest visible change of each mode and wakes waiters."""
+
+    def __init__(self, pool: asyncpg.Pool, appended: PositionSignal) -> None:
+        self._pool = pool
+        self._appended = appended
+        self._heads: dict[str, FeedPlace] = {"live": (0, 0), "test": (0, 0)}
+        self._moved: dict[str, asyncio.Event] = {
+            m: asyncio.Event() for m in self._heads
+        }
+        self._task: asyncio.Task[None] | None = None
+
+    def head(self, mode: str) -> FeedPlace:
+        """Return the newest change of ``mode`` seen so far."""
+        return self._heads[mode]
+
+    async def start(self) -> None:
+        """Read the heads, then follow the events channel in the background."""
+        await self.refresh()
+        self._task = asyncio.create_task(self._follow(), name="ordertrail-feed-head")
+
+    async def stop(self) -> None:
+        """Stop following."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def wait_past(self, mode: str, place: FeedPlace, seconds: float) -> bool:
+        """Wait until the head of ``mode`` is past ``place``; False on timeout."""
+        try:
+            async with asyncio.timeout(seconds):
+                while self._heads[mode] <= place:
+                    await self._moved[mode].wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def refresh(self) -> bool:
+        """Read the heads now; return whether any moved."""
+        moved = False
+        async with self._pool.acquire() as connection:
+            for mode in self._heads:
+                row = await connection.fetchrow(_HEAD, mode)
+                place = (row["change_xid"], row["position"]) if row else (0, 0)
+                if place > self._heads[mode]:
+                    self._heads[mode] = place
+                    self._wake(mode)
+                    moved = True
+        return moved
+
+    def _wake(self, mode: str) -> None:
+        # Waiters hold the old event; a fresh one is ready for the next wait.
+        self._moved[mode].set()
+        self._moved[mode] = asyncio.Event()
+
+    async def _follow(self) -> None:
+        seen = self._appended.count
+        while True:
+            # The periodic look also covers a notification lost with a
+            # dropped listener connection.
+            seen = await self._appended.wait_after(seen, 30.0)
+            try:
+                await self._refresh_until_moved()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("feed.refresh_failed", error=str(error))
+                await asyncio.sleep(1.0)
+
+    async def _refresh_until_moved(self) -> None:
+        if await self.refresh():
+            return
+        for delay in _RETRY_DELAYS:
+            await asyncio.sleep(delay)
+            if await self.refresh():
+                return
