@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import structlog
 from litestar import Litestar
+from litestar.config.cors import CORSConfig
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.openapi import OpenAPIConfig
@@ -17,6 +18,7 @@ from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from ordertrail import __version__
+from ordertrail.api.admin import AdminController
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
 from ordertrail.api.orders import OrdersController
@@ -90,6 +92,19 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
+def _cors(settings: Settings) -> CORSConfig | None:
+    # Off unless configured: the API serves back-end systems, not browsers.
+    if not settings.cors_origins:
+        return None
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    return CORSConfig(
+        allow_origins=origins,
+        allow_methods=["GET"],
+        allow_headers=["Authorization", "If-None-Match"],
+        expose_headers=["ETag", "X-Request-Id", "Retry-After"],
+    )
+
+
 def create_app(settings: Settings | None = None) -> Litestar:
     """Build the application; the database is reached when it starts."""
     settings = settings if settings is not None else Settings.from_env()
@@ -102,7 +117,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
 
     return Litestar(
-        route_handlers=[receive_webhook, OrdersController, changes, items, live, ready],
+        route_handlers=[
+            receive_webhook,
+            OrdersController,
+            changes,
+            items,
+            AdminController,
+            live,
+            ready,
+        ],
+        cors_config=_cors(settings),
         lifespan=[lifespan],
         middleware=[request_id_middleware],
         exception_handlers=exception_handlers,

@@ -144,9 +144,12 @@ def _on_unauthorized(
 
 
 def _on_http(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
-    name = {404: "not-found", 405: "method-not-allowed", 413: "body-too-large"}.get(
-        error.status_code, "http-error"
-    )
+    name = {
+        403: "forbidden",
+        404: "not-found",
+        405: "method-not-allowed",
+        413: "body-too-large",
+    }.get(error.status_code, "http-error")
     return problem_response(
         error.status_code,
         name,

@@ -1,4 +1,4 @@
-"""API keys on the read API: ``Authorization: Bearer <key>`` and roles."""
+"""API keys on the read API (``Authorization: Bearer <key>``), roles, limits."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
+from ordertrail.api.limits import retry_after
+from ordertrail.api.problems import ProblemError
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import CredentialKind, Role
 
-__all__ = ["requires"]
+__all__ = ["client_address", "refuse_if_flooding", "requires"]
 
 
 def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -23,6 +25,37 @@ def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return value.strip() if scheme.lower() == "bearer" else None
 
 
+def client_address(
+    connection: ASGIConnection[Any, Any, Any, Any], trusted_header: str | None
+) -> str:
+    """Return the client's address, from a trusted proxy header if configured.
+
+    Only a header named in the settings is believed: anyone can send one.
+    """
+    if trusted_header:
+        forwarded = connection.headers.get(trusted_header)
+        if forwarded:
+            return forwarded.split(",")[0].strip()[:64]
+    return connection.client.host if connection.client else "unknown"
+
+
+def refuse_if_flooding(services: Services, address: str) -> None:
+    """Answer 429 to an address that failed to authenticate too often."""
+    wait = services.failure_limits.exhausted(address)
+    if wait is not None:
+        raise _rate_limited(wait, "too many failed authentications from this address")
+
+
+def _rate_limited(wait: float, detail: str) -> ProblemError:
+    return ProblemError(
+        429,
+        "rate-limited",
+        "Too many requests",
+        detail,
+        headers={"Retry-After": retry_after(wait)},
+    )
+
+
 def requires(role: Role) -> Guard:
     """Return a guard that admits API keys whose role includes ``role``."""
 
@@ -30,11 +63,17 @@ def requires(role: Role) -> Guard:
         connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
     ) -> None:
         services: Services = connection.app.state.services
+        address = client_address(connection, services.settings.trusted_client_header)
+        refuse_if_flooding(services, address)
         key = await services.credentials.verify(
             _bearer(connection), CredentialKind.API_KEY
         )
         if key is None or key.role is None:
+            services.failure_limits.take(address)
             raise NotAuthorizedException("missing, unknown, expired or revoked API key")
+        wait = services.key_limits.take(key.id)
+        if wait is not None:
+            raise _rate_limited(wait, "this API key is over its request rate")
         if not key.role.allows(role):
             raise PermissionDeniedException(f"this needs the {role.value} role")
         connection.scope["state"]["api_key_id"] = key.id

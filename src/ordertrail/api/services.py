@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
+from ordertrail.api.limits import RateLimiter
 from ordertrail.auth.credentials import (
     CREDENTIALS_CHANNEL,
     CredentialCache,
@@ -45,6 +46,8 @@ class Services:
     listener: Listener
     appended: PositionSignal
     feed: FeedHead
+    key_limits: RateLimiter
+    failure_limits: RateLimiter
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def migrations_current(self) -> bool:
@@ -104,6 +107,8 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         listener=Listener(dsn),
         appended=appended,
         feed=FeedHead(pool, appended),
+        key_limits=RateLimiter(settings.key_rate, settings.key_burst),
+        failure_limits=RateLimiter(settings.failure_rate, settings.failure_burst),
     )
 
 

@@ -18,6 +18,7 @@ import structlog
 from litestar import Request, Response, post
 
 from ordertrail.api.problems import problem_response
+from ordertrail.api.security import client_address, refuse_if_flooding
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import CredentialKind
 from ordertrail.eventstore.records import Delivery
@@ -25,7 +26,7 @@ from ordertrail.ingest import quarantine
 from ordertrail.ingest.payload import decode_webhook
 from ordertrail.ingest.writer import AppendFailed
 
-__all__ = ["Accepted", "Arrival", "client_address", "receive_webhook"]
+__all__ = ["Accepted", "Arrival", "receive_webhook"]
 
 log = structlog.get_logger("ordertrail.ingest")
 
@@ -83,10 +84,12 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     request_id: str = request.scope["state"]["request_id"]
     client = client_address(request, services.settings.trusted_client_header)
 
+    refuse_if_flooding(services, client)
     credential = await services.credentials.verify(
         request.headers.get(TOKEN_HEADER), CredentialKind.WEBHOOK_TOKEN
     )
     if credential is None or credential.mode is None:
+        services.failure_limits.take(client)
         log.warning("webhook.refused", reason="unauthenticated", client=client)
         return problem_response(
             401,
@@ -163,17 +166,6 @@ async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
         appended.redelivery_of,
     )
     return Response(_encode(answer), status_code=202, media_type="application/json")
-
-
-def client_address(
-    request: Request[Any, Any, Any], trusted_header: str | None
-) -> str | None:
-    """Return the client's address, from a trusted proxy header if configured."""
-    if trusted_header:
-        forwarded = request.headers.get(trusted_header)
-        if forwarded:
-            return forwarded.split(",")[0].strip()[:64]
-    return request.client.host if request.client else None
 
 
 def _idempotency_key(request: Request[Any, Any, Any]) -> str | None:

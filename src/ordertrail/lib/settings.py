@@ -58,6 +58,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """A bootstrap test webhook token, accepted besides the stored ones."""
     trusted_client_header: str | None = None
     """Header holding the client address when a trusted proxy sets it."""
+    key_rate: float = 50.0
+    """Requests a second one API key may make; 0 turns the limit off."""
+    key_burst: float = 100.0
+    """Requests an API key may make at once before its rate applies."""
+    failure_rate: float = 1.0
+    """Failed authentications a second from one client address; 0 is no limit."""
+    failure_burst: float = 20.0
+    """Failed authentications one address may make at once."""
+    cors_origins: str | None = None
+    """Comma-separated origins allowed to read from browsers; unset: no CORS."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
