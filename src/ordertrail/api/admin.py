@@ -8,6 +8,7 @@ import msgspec
 from litestar import Controller, Request, get
 from litestar.params import Parameter
 
+from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import Limit
 from ordertrail.api.security import requires
 from ordertrail.api.services import Services
@@ -30,7 +31,12 @@ class AdminController(Controller):
     tags = ["admin"]  # noqa: RUF012 - litestar reads a plain list
     guards = [requires(Role.ADMIN)]  # noqa: RUF012
 
-    @get("/quarantine", summary="Authenticated deliveries that were not readable")
+    @get(
+        "/quarantine",
+        summary="Authenticated deliveries that were not readable",
+        security=API_KEY,
+        responses=problems(400, 401, 403, 429),
+    )
     async def quarantine(
         self,
         request: Request[Any, Any, Any],

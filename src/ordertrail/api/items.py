@@ -9,6 +9,7 @@ import msgspec
 from litestar import Request, get
 
 from ordertrail.api.cursors import decode_cursor, encode_cursor
+from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import (
     FulfilmentFilter,
     Limit,
@@ -61,6 +62,8 @@ def _view(row: Any) -> ItemView:
     tags=["polling"],
     summary="Items changed after a cursor (long polling with wait)",
     guards=[requires(Role.READER)],
+    security=API_KEY,
+    responses=problems(400, 401, 403, 429),
 )
 async def changes(
     request: Request[Any, Any, Any],
@@ -127,6 +130,8 @@ async def _changed_after(
     tags=["polling"],
     summary="Items matching filters, with keyset pagination",
     guards=[requires(Role.READER)],
+    security=API_KEY,
+    responses=problems(400, 401, 403, 429),
 )
 async def items(
     request: Request[Any, Any, Any],

@@ -12,6 +12,7 @@ from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 
 from ordertrail.api.conditional import fresh, not_modified, validators
+from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import ModeParameter
 from ordertrail.api.problems import ProblemError
 from ordertrail.api.security import requires
@@ -91,6 +92,8 @@ class OrdersController(Controller):
         "/{order_id:str}",
         summary="An order with all its items",
         response_headers=_VALIDATOR_HEADERS,
+        security=API_KEY,
+        responses=problems(304, 400, 401, 403, 404, 429),
     )
     async def order(
         self,
@@ -127,6 +130,8 @@ class OrdersController(Controller):
         "/{order_id:str}/items/{upc:str}",
         summary="One item of an order",
         response_headers=_VALIDATOR_HEADERS,
+        security=API_KEY,
+        responses=problems(304, 400, 401, 403, 404, 429),
     )
     async def item(
         self,
@@ -161,6 +166,8 @@ class OrdersController(Controller):
         "/{order_id:str}/events",
         summary="An order's full event history",
         guards=[requires(Role.AUDITOR)],
+        security=API_KEY,
+        responses=problems(400, 401, 403, 404, 429),
     )
     async def events(
         self,

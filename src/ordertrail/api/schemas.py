@@ -7,12 +7,21 @@ from pathlib import Path
 import msgspec
 
 from ordertrail.api.app import create_app
+from ordertrail.api.items import ChangePage
 from ordertrail.ingest.payload import LocallyWebhook
 from ordertrail.lib.settings import Settings
+from ordertrail.projections.items import ItemView
+from ordertrail.projections.orders import OrderView
 
 __all__ = ["SCHEMA_FILES", "render_schemas", "stale_schemas", "write_schemas"]
 
-SCHEMA_FILES = ("openapi.json", "webhook-payload.schema.json")
+SCHEMA_FILES = (
+    "openapi.json",
+    "webhook-payload.schema.json",
+    "item-view.schema.json",
+    "order-view.schema.json",
+    "change-page.schema.json",
+)
 
 
 def _pretty(document: object) -> bytes:
@@ -23,13 +32,19 @@ def render_schemas() -> dict[str, bytes]:
     """Return each schema file's content as the code defines it now."""
     app = create_app(Settings())
     openapi = app.openapi_schema.to_schema()
-    payload = msgspec.json.schema(LocallyWebhook)
-    payload["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    payload["title"] = "Locally cart item webhook"
-    return {
-        "openapi.json": _pretty(openapi),
-        "webhook-payload.schema.json": _pretty(payload),
+    documents = {
+        "webhook-payload.schema.json": (LocallyWebhook, "Locally cart item webhook"),
+        "item-view.schema.json": (ItemView, "ordertrail item view"),
+        "order-view.schema.json": (OrderView, "ordertrail order view"),
+        "change-page.schema.json": (ChangePage, "ordertrail change feed page"),
     }
+    rendered = {"openapi.json": _pretty(openapi)}
+    for name, (shape, title) in documents.items():
+        schema = msgspec.json.schema(shape)
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["title"] = title
+        rendered[name] = _pretty(schema)
+    return rendered
 
 
 def write_schemas(folder: Path) -> list[Path]:

@@ -16,7 +16,9 @@ import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response, post
+from litestar.openapi.datastructures import ResponseSpec
 
+from ordertrail.api.documentation import WEBHOOK_TOKEN, WebhookOperation, problems
 from ordertrail.api.problems import problem_response
 from ordertrail.api.security import client_address, refuse_if_flooding
 from ordertrail.api.services import Services
@@ -76,6 +78,12 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
         "sender should retry."
     ),
     tags=["ingest"],
+    operation_class=WebhookOperation,
+    security=WEBHOOK_TOKEN,
+    responses={
+        202: ResponseSpec(Accepted, description="Committed to the log."),
+        **problems(401, 413, 422, 429, 503),
+    },
 )
 async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Authenticate, read and append one webhook delivery."""
