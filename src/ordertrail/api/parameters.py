@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from litestar.params import Parameter
+from litestar.params import Parameter, QueryParameter
 
 from ordertrail.domain.item import ItemState
 from ordertrail.domain.vocabulary import Fulfilment
@@ -43,7 +43,7 @@ Wait = Annotated[
 # "state" is a name litestar reserves for the application state, so the
 # handler argument has another name and the query parameter keeps this one.
 StateFilter = Annotated[
-    ItemState | None, Parameter(query="state", description="Lifecycle state.")
+    ItemState | None, QueryParameter(name="state", description="Lifecycle state.")
 ]
 FulfilmentFilter = Annotated[
     Fulfilment | None, Parameter(description="How the item reaches the shopper.")

@@ -27,6 +27,26 @@ class LocallyWebhook(msgspec.Struct, frozen=True):
     order_url: str | None = None
     """Locally's API address of the cart."""
 
+    def __post_init__(self) -> None:
+        # PostgreSQL text cannot hold NUL, and UTF-8 cannot hold an unpaired
+        # surrogate; such a body is kept in quarantine (its raw bytes are
+        # fine there), not retried forever as a failed append.
+        for name in ("upc", "order_id", "status", "order_url"):
+            value = getattr(self, name)
+            if value is not None and not _storable(value):
+                msg = f"`{name}` holds a NUL character or an unpaired surrogate"
+                raise ValueError(msg)
+
+
+def _storable(text: str) -> bool:
+    if text.isascii():
+        return "\x00" not in text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
 
 _decoder = msgspec.json.Decoder(LocallyWebhook)
 
