@@ -1,0 +1,268 @@
+"""Webhook ingest throughput and latency, against ceilings measured alongside.
+
+Run with ``python -m ordertrail.bench.ingest`` (``make bench``). In one run,
+on one fresh database, the same requests go to three targets served the same
+way:
+
+- ceiling, HTTP only: litestar and granian reading the body, no database;
+- baseline, one INSERT: a minimal receiver committing each body on its own;
+- ordertrail: ``POST /webhooks/locally`` with authentication, the hash chain,
+  the item projection and group commit.
+
+The machine is small and shared, so the report leads with ratios between
+targets measured one after the other, rather than with absolute figures, and
+shows where the CPU went. Afterwards, the rows stored are checked against the 2xx
+answers received: a benchmark that lost acknowledged deliveries would only
+be measuring a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from ordertrail.bench.baseline import BASELINE_TABLE
+from ordertrail.bench.database import (
+    BenchDatabase,
+    bench_database,
+    count_rows,
+    count_transactions,
+    describe_url,
+    find_server,
+)
+from ordertrail.bench.load import LoadResult, run_load
+from ordertrail.bench.machine import (
+    CpuSample,
+    CpuUsage,
+    cpu_usage,
+    describe_machine,
+    sample_cpu,
+)
+from ordertrail.bench.report import Check, Measurement, Report
+from ordertrail.bench.servers import (
+    GRANIAN_OPTIONS,
+    HOST,
+    Server,
+    ServerFailed,
+    serve,
+    wait_ready,
+)
+from ordertrail.bench.workload import (
+    ITEMS,
+    STATUSES,
+    UPCS_PER_ORDER,
+    build_requests,
+    webhook_bodies,
+)
+from ordertrail.lib.logging import configure_logging
+
+__all__ = ["Target", "benchmark", "main"]
+
+SUBJECT = "ordertrail"
+ORDERTRAIL_APP = "ordertrail.api.app:create_app"
+BASELINE_APP = "ordertrail.bench.baseline:create_app"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing to load: a server and the path that receives the deliveries."""
+
+    name: str
+    server: Server
+    path: str
+    table: str | None
+    """Where its accepted deliveries end up, to check the count against."""
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Read the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ordertrail.bench.ingest",
+        description="Measure webhook ingest against ceilings measured in the same run.",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=10.0,
+        help="measured seconds per target and round (default 10)",
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="concurrent keep-alive connections (default 64)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="unmeasured seconds before each measurement (default 2)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds over all targets, interleaved to spread out noise (default 1)",
+    )
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=Path("bench-results/ingest.md"),
+        help="where to write the markdown report (default bench-results/ingest.md)",
+    )
+    options = parser.parse_args(argv)
+    if options.seconds <= 0 or options.warmup < 0:
+        parser.error("--seconds must be positive and --warmup not negative")
+    if options.connections < 1 or options.rounds < 1:
+        parser.error("--connections and --rounds must be at least 1")
+    return options
+
+
+def _progress(message: str) -> None:
+    # Progress goes to stderr so that stdout holds the report alone.
+    print(message, file=sys.stderr, flush=True)
+
+
+async def measure(
+    target: Target, requests: Sequence[bytes], options: argparse.Namespace
+) -> tuple[LoadResult, CpuUsage]:
+    """Load one target for one round; return its figures and the CPU it took."""
+    samples: list[tuple[float, CpuSample]] = []
+
+    def sample() -> None:
+        samples.append((time.perf_counter(), sample_cpu(target.server.process.pid)))
+
+    result = await run_load(
+        HOST,
+        target.server.port,
+        requests,
+        connections=options.connections,
+        warmup=options.warmup,
+        seconds=options.seconds,
+        on_window_open=sample,
+        on_window_close=sample,
+    )
+    (opened, before), (closed, after) = samples
+    return result, cpu_usage(before, after, closed - opened)
+
+
+async def _check(
+    database: BenchDatabase, target: Target, runs: list[tuple[LoadResult, CpuUsage]]
+) -> Check:
+    assert target.table is not None
+    return Check(
+        target=target.name,
+        table=target.table,
+        stored=await count_rows(database.url, target.table),
+        accepted=sum(result.total_accepted for result, _ in runs),
+        unanswered=sum(result.unanswered for result, _ in runs),
+    )
+
+
+async def benchmark(options: argparse.Namespace) -> Report:
+    """Set up, measure every target, check what was stored, and tear down."""
+    async with contextlib.AsyncExitStack() as stack:
+        server_url, source = await stack.enter_async_context(find_server())
+        database = await stack.enter_async_context(bench_database(server_url))
+        _progress(f"database {describe_url(database.url)} ({source})")
+
+        environment = {
+            "ORDERTRAIL_DATABASE_URL": database.url,
+            # Logging every accepted delivery would dominate the profile.
+            "ORDERTRAIL_LOG_LEVEL": "warning",
+        }
+        ordertrail = stack.enter_context(
+            serve("ordertrail", ORDERTRAIL_APP, environment)
+        )
+        baseline = stack.enter_context(serve("baseline", BASELINE_APP, environment))
+        await asyncio.gather(
+            wait_ready(ordertrail, "/health/ready"),
+            wait_ready(baseline, "/health/live"),
+        )
+
+        targets = [
+            Target("ceiling: HTTP only", baseline, "/http-only", None),
+            Target(
+                "baseline: one INSERT", baseline, "/webhooks/locally", BASELINE_TABLE
+            ),
+            Target(SUBJECT, ordertrail, "/webhooks/locally", "events"),
+        ]
+        bodies = webhook_bodies()
+        requests = {
+            target.name: build_requests(
+                bodies, host=HOST, port=target.server.port, path=target.path,
+                token=database.token,
+            )
+            for target in targets
+        }  # fmt: skip
+        runs: dict[str, list[tuple[LoadResult, CpuUsage]]] = {
+            target.name: [] for target in targets
+        }
+        for round_number in range(1, options.rounds + 1):
+            for target in targets:
+                _progress(f"round {round_number}/{options.rounds}: {target.name}")
+                runs[target.name].append(
+                    await measure(target, requests[target.name], options)
+                )
+
+        checks = [
+            await _check(database, target, runs[target.name])
+            for target in targets
+            if target.table is not None
+        ]
+        return Report(
+            machine=describe_machine(database.server_version),
+            database=(
+                f"{describe_url(database.url)} ({source}), created for this run "
+                "and dropped after it"
+            ),
+            server_command=f"granian {' '.join(GRANIAN_OPTIONS)}",
+            applications=f"{SUBJECT}: {ORDERTRAIL_APP}, the others: {BASELINE_APP}",
+            connections=options.connections,
+            warmup=options.warmup,
+            seconds=options.seconds,
+            rounds=options.rounds,
+            workload=(
+                f"{ITEMS:,} items in carts of {UPCS_PER_ORDER}, statuses "
+                f"{', '.join(STATUSES)} in turn; the same bodies for every target"
+            ),
+            measurements=[
+                Measurement.pool(target.name, runs[target.name]) for target in targets
+            ],
+            subject=SUBJECT,
+            checks=checks,
+            commits=await count_transactions(database.url),
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark, print and write the report.
+
+    Returns 0, 1 if a correctness check failed, or 2 if the run could not be
+    set up (no database, a server that would not start).
+    """
+    options = parse_arguments(argv)
+    configure_logging("warning", "console")
+    try:
+        report = asyncio.run(benchmark(options))
+    except (ServerFailed, OSError, asyncpg.PostgresError) as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 2
+
+    print(report.text())
+    options.markdown.parent.mkdir(parents=True, exist_ok=True)
+    options.markdown.write_text(report.markdown())
+    print(f"\nmarkdown written to {options.markdown}")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""What the machine is and where its CPU went during a measurement.
+
+On two shared cores a throughput figure means little without knowing who
+used the CPU: the server under test, PostgreSQL, the load generator, or a
+neighbour (which shows as steal time on a virtual machine). Everything here
+reads ``/proc`` and degrades to zeros where it is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+__all__ = ["CpuSample", "CpuUsage", "Machine", "describe_machine", "sample_cpu"]
+
+_PROC = Path("/proc")
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The hardware and software a run measured."""
+
+    cores: int
+    cpu_model: str
+    python: str
+    postgresql: str
+    granian: str
+    litestar: str
+    asyncpg: str
+
+
+def describe_machine(postgresql: str) -> Machine:
+    """Describe this machine; ``postgresql`` is the server's version string."""
+    return Machine(
+        cores=len(os.sched_getaffinity(0)),
+        cpu_model=_cpu_model(),
+        python=platform.python_version(),
+        postgresql=postgresql,
+        granian=_version("granian"),
+        litestar=_version("litestar"),
+        asyncpg=_version("asyncpg"),
+    )
+
+
+def _cpu_model() -> str:
+    try:
+        text = (_PROC / "cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "model name":
+            return value.strip()
+    return platform.processor() or "unknown"
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class ThreadTime:
+    """Cumulative scheduler times of one thread, in nanoseconds."""
+
+    running: int
+    """On a CPU."""
+    waiting: int
+    """Runnable, but waiting for a CPU that something else held."""
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """Cumulative CPU counters at one moment."""
+
+    server: int
+    """Ticks of the server process and all its descendants."""
+    server_threads: dict[int, ThreadTime]
+    """Each thread of the server and its descendants, by thread id."""
+    postgres: int
+    """Ticks of every process named ``postgres`` (server and backends)."""
+    busy: int
+    """Machine-wide ticks not idle and not waiting on I/O."""
+    pressure: int
+    """Microseconds in which some runnable task waited for a CPU (PSI)."""
+
+
+@dataclass(frozen=True)
+class CpuUsage:
+    """CPU use over a window: cores (1.0 is one core kept busy) or shares of it."""
+
+    server: float
+    """Cores used by the server's process tree."""
+    loop: float
+    """Share of the window the server's busiest thread (its event loop) ran."""
+    loop_waiting: float
+    """Share of the window that thread was runnable but had no CPU.
+
+    With ``loop``, it tells a saturated loop (the two add up to about 1) from
+    one that waited for I/O; on a shared machine the second part is noise.
+    """
+    postgres: float
+    """Cores used by PostgreSQL."""
+    machine: float
+    """Cores used by everything on the machine."""
+    pressure: float
+    """Share of the window in which some task on the machine waited for a CPU."""
+
+
+def sample_cpu(server_pid: int) -> CpuSample:
+    """Read the cumulative CPU counters of the server tree, PostgreSQL and machine."""
+    processes = _processes()
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _, _) in processes.items():
+        children.setdefault(parent, []).append(pid)
+
+    server = 0
+    threads: dict[int, ThreadTime] = {}
+    pending = [server_pid]
+    while pending:
+        pid = pending.pop()
+        if pid in processes:
+            server += processes[pid][2]
+            threads.update(_thread_times(pid))
+        pending.extend(children.get(pid, ()))
+
+    postgres = sum(ticks for _, name, ticks in processes.values() if name == "postgres")
+    return CpuSample(
+        server=server,
+        server_threads=threads,
+        postgres=postgres,
+        busy=_machine_busy(),
+        pressure=_cpu_pressure(),
+    )
+
+
+def cpu_usage(before: CpuSample, after: CpuSample, seconds: float) -> CpuUsage:
+    """Return the CPU used between two samples taken ``seconds`` apart."""
+    if seconds <= 0:
+        return CpuUsage(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    ticks = _TICKS * seconds
+    nanoseconds = seconds * 1e9
+    idle = ThreadTime(0, 0)
+    loop = max(
+        (
+            ThreadTime(
+                now.running - before.server_threads.get(thread, idle).running,
+                now.waiting - before.server_threads.get(thread, idle).waiting,
+            )
+            for thread, now in after.server_threads.items()
+        ),
+        key=lambda times: times.running,
+        default=idle,
+    )
+    return CpuUsage(
+        server=(after.server - before.server) / ticks,
+        loop=loop.running / nanoseconds,
+        loop_waiting=loop.waiting / nanoseconds,
+        postgres=(after.postgres - before.postgres) / ticks,
+        machine=(after.busy - before.busy) / ticks,
+        pressure=(after.pressure - before.pressure) / (seconds * 1e6),
+    )
+
+
+def _processes() -> dict[int, tuple[int, str, int]]:
+    """Return each visible process as pid: (parent pid, name, CPU ticks)."""
+    found = {}
+    for entry in _PROC.iterdir() if _PROC.is_dir() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # it ended between the listing and the read
+        # The name is in parentheses and may itself hold spaces or ")".
+        name = stat[stat.find("(") + 1 : stat.rfind(")")]
+        fields = stat[stat.rfind(")") + 2 :].split()
+        # After the name: state, ppid, ... utime and stime are the 12th, 13th.
+        found[int(entry.name)] = (
+            int(fields[1]),
+            name,
+            int(fields[11]) + int(fields[12]),
+        )
+    return found
+
+
+def _thread_times(pid: int) -> dict[int, ThreadTime]:
+    """Return the scheduler times of each thread of ``pid``, by thread id."""
+    found = {}
+    with contextlib.suppress(OSError):
+        for entry in (_PROC / str(pid) / "task").iterdir():
+            try:
+                running, waiting, _ = (entry / "schedstat").read_text().split()
+            except (OSError, ValueError):
+                continue
+            found[int(entry.name)] = ThreadTime(int(running), int(waiting))
+    return found
+
+
+def _machine_busy() -> int:
+    """Return the machine's busy ticks since boot."""
+    try:
+        first = (_PROC / "stat").read_text().split("\n", 1)[0]
+    except OSError:
+        return 0
+    # cpu user nice system idle iowait irq softirq (guest is within user).
+    user, nice, system, _idle, _iowait, irq, softirq = map(int, first.split()[1:8])
+    return user + nice + system + irq + softirq
+
+
+def _cpu_pressure() -> int:
+    """Return the total microseconds some task waited for a CPU, 0 if unknown."""
+    try:
+        first = (_PROC / "pressure" / "cpu").read_text().split("\n", 1)[0]
+    except OSError:
+        return 0
+    _, _, total = first.rpartition("total=")
+    return int(total) if total.isdigit() else 0
