@@ -293,8 +293,10 @@ _LEGEND = "\n".join(
         "event loop) ran,",
         "and was ready to run but had no CPU; the nearer 100% together, the more "
         "the loop limits.",
-        "pressure: share of the time some task on the machine waited for a CPU "
-        "(noise, contention).",
+        "pressure: share of the time some task waited for a CPU, whether a "
+        "neighbour's or the",
+        "target's own (its server, PostgreSQL backends and this generator share "
+        "the cores).",
     ]
 )
 
