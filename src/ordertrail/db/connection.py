@@ -14,7 +14,14 @@ from asyncpg.pool import PoolConnectionProxy
 
 from ordertrail.lib.settings import Settings
 
-__all__ = ["Connection", "connect", "create_pool", "database_url", "embedded_server"]
+__all__ = [
+    "SERVER_SETTINGS",
+    "Connection",
+    "connect",
+    "create_pool",
+    "database_url",
+    "embedded_server",
+]
 
 Connection = asyncpg.Connection | PoolConnectionProxy
 """A connection of one's own or one borrowed from the pool: both serve."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import uuid
-from dataclasses import replace
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -115,10 +114,14 @@ class Item(Aggregate):
 
         def interpreted(self, vocabulary: Vocabulary) -> Item.StatusReported:
             """Return this report with the meaning ``vocabulary`` gives it."""
-            # The metaclass makes events dataclasses at run time, which the
-            # type checker cannot see; the fields go by name.
-            changes: dict[str, Any] = {"meaning": vocabulary.meaning(self.raw_status)}
-            return replace(self, **changes)
+            # Events are frozen; build the copy the way the library's mapper
+            # materializes stored events, without a second pass through
+            # __init__, which a rebuild would pay for every event.
+            state = dict(self.__dict__)
+            state["meaning"] = vocabulary.meaning(self.raw_status)
+            copy = object.__new__(type(self))
+            object.__setattr__(copy, "__dict__", state)
+            return copy
 
         def apply(self, aggregate: Aggregate) -> None:
             assert isinstance(aggregate, Item)

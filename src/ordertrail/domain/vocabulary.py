@@ -68,6 +68,7 @@ class VocabularyError(ValueError):
 
 
 _SEPARATORS = re.compile(r"[\W_]+", re.UNICODE)
+_REMEMBERED = 10_000
 
 
 def normalise_status(raw: str) -> str:
@@ -78,12 +79,15 @@ def normalise_status(raw: str) -> str:
 class Vocabulary:
     """A lookup from raw status strings to their lifecycle meaning."""
 
-    __slots__ = ("_meanings", "digest", "source")
+    __slots__ = ("_known", "_meanings", "digest", "source")
 
     def __init__(
         self, meanings: dict[str, Meaning], *, source: str, digest: str
     ) -> None:
         self._meanings = meanings
+        # Raw strings already looked up: Locally sends few distinct statuses,
+        # and a rebuild asks about each of millions of events.
+        self._known: dict[str, Meaning | None] = {}
         self.source = source
         """Where the vocabulary was read from."""
         self.digest = digest
@@ -126,7 +130,13 @@ class Vocabulary:
 
     def meaning(self, raw_status: str) -> Meaning | None:
         """Return what ``raw_status`` stands for, or ``None`` if unrecognized."""
-        return self._meanings.get(normalise_status(raw_status))
+        try:
+            return self._known[raw_status]
+        except KeyError:
+            meaning = self._meanings.get(normalise_status(raw_status))
+            if len(self._known) < _REMEMBERED:
+                self._known[raw_status] = meaning
+            return meaning
 
     def aliases(self) -> dict[str, Meaning]:
         """Return every normalised alias with its meaning."""
