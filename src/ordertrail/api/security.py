@@ -9,12 +9,12 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
-from ordertrail.api.limits import retry_after
 from ordertrail.api.problems import ProblemError
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import CredentialKind, Role
+from ordertrail.lib.limits import retry_after
 
-__all__ = ["client_address", "refuse_if_flooding", "requires"]
+__all__ = ["client_address", "refuse_failing", "requires"]
 
 
 def _bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -39,9 +39,12 @@ def client_address(
     return connection.client.host if connection.client else "unknown"
 
 
-def refuse_if_flooding(services: Services, address: str) -> None:
-    """Answer 429 to an address that failed to authenticate too often."""
-    wait = services.failure_limits.exhausted(address)
+def refuse_failing(services: Services, address: str) -> None:
+    """Count a failed authentication; answer 429 once an address has too many.
+
+    A valid credential is never held back by its address's failures.
+    """
+    wait = services.failure_limits.take(address)
     if wait is not None:
         raise _rate_limited(wait, "too many failed authentications from this address")
 
@@ -63,13 +66,14 @@ def requires(role: Role) -> Guard:
         connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
     ) -> None:
         services: Services = connection.app.state.services
-        address = client_address(connection, services.settings.trusted_client_header)
-        refuse_if_flooding(services, address)
         key = await services.credentials.verify(
             _bearer(connection), CredentialKind.API_KEY
         )
         if key is None or key.role is None:
-            services.failure_limits.take(address)
+            address = client_address(
+                connection, services.settings.trusted_client_header
+            )
+            refuse_failing(services, address)
             raise NotAuthorizedException("missing, unknown, expired or revoked API key")
         wait = services.key_limits.take(key.id)
         if wait is not None:

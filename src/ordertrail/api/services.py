@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
-from ordertrail.api.limits import RateLimiter
 from ordertrail.auth.credentials import (
     CREDENTIALS_CHANNEL,
     CredentialCache,
@@ -22,9 +21,14 @@ from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.notifications import Listener, PositionSignal
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore
 from ordertrail.ingest.writer import GroupCommitWriter
+from ordertrail.lib.limits import RateLimiter
 from ordertrail.lib.settings import Settings
+from ordertrail.projections import catalogue
+from ordertrail.projections.catalogue import PROJECTIONS_CHANNEL, adopt_vocabulary
 from ordertrail.projections.feed import FeedHead
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.items import PROJECTION_NAME, ItemProjection
+from ordertrail.projections.served import ServedProjection
+from ordertrail.projections.supervisor import RunnerSupervisor
 
 __all__ = ["Services", "running_services"]
 
@@ -40,7 +44,7 @@ class Services:
     pool: asyncpg.Pool
     store: EventStore
     vocabulary: Vocabulary
-    projection: ItemProjection
+    served: ServedProjection
     writer: GroupCommitWriter
     credentials: CredentialCache
     listener: Listener
@@ -48,7 +52,18 @@ class Services:
     feed: FeedHead
     key_limits: RateLimiter
     failure_limits: RateLimiter
+    projections_changed: PositionSignal
+    runner: RunnerSupervisor
     background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def projection(self) -> ItemProjection:
+        """The served item projection (as of the last append or start-up)."""
+        current = self.served.current
+        if current is None:
+            msg = "the served projection is loaded at start-up"
+            raise RuntimeError(msg)
+        return current
 
     async def migrations_current(self) -> bool:
         """Return whether every migration the code ships is applied."""
@@ -79,7 +94,7 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
 def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
     vocabulary = Vocabulary.load(settings.vocabulary_file)
     store = EventStore(redelivery_window=settings.redelivery_window)
-    projection = ItemProjection(vocabulary, store)
+    served = ServedProjection(store, vocabulary)
     bootstrap = [
         bootstrap_token(mode, secret)
         for mode, secret in (
@@ -89,17 +104,18 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         if secret
     ]
     appended = PositionSignal()
+    projections_changed = PositionSignal()
     return Services(
         settings=settings,
         dsn=dsn,
         pool=pool,
         store=store,
         vocabulary=vocabulary,
-        projection=projection,
+        served=served,
         writer=GroupCommitWriter(
             pool,
             store,
-            projection,
+            served,
             commit_delay=settings.commit_delay,
             batch_size=settings.commit_batch,
         ),
@@ -109,6 +125,8 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         feed=FeedHead(pool, appended),
         key_limits=RateLimiter(settings.key_rate, settings.key_burst),
         failure_limits=RateLimiter(settings.failure_rate, settings.failure_burst),
+        projections_changed=projections_changed,
+        runner=RunnerSupervisor(dsn, store, vocabulary, appended, projections_changed),
     )
 
 
@@ -117,10 +135,16 @@ async def _start(services: Services) -> None:
         CREDENTIALS_CHANNEL, lambda _p: services.credentials.invalidate()
     )
     services.listener.subscribe(EVENTS_CHANNEL, services.appended.notice)
+    services.listener.subscribe(PROJECTIONS_CHANNEL, services.served.invalidate)
+    services.listener.subscribe(
+        PROJECTIONS_CHANNEL, services.projections_changed.notice
+    )
     await services.listener.start()
     await services.credentials.reload()
+    await _load_served(services)
     await services.writer.start()
     await services.feed.start()
+    await services.runner.start()
     services.background.append(
         asyncio.create_task(
             _record_credential_use(services), name="ordertrail-last-used"
@@ -134,12 +158,30 @@ async def _stop(services: Services) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await services.runner.stop()
     await services.feed.stop()
     await services.writer.stop()
     await services.listener.stop()
     with contextlib.suppress(Exception):
         await services.credentials.record_use()
     log.info("service.stopped")
+
+
+async def _load_served(services: Services) -> None:
+    async with services.pool.acquire() as connection:
+        await adopt_vocabulary(connection, PROJECTION_NAME, services.vocabulary)
+        version = await catalogue.served(connection, PROJECTION_NAME)
+        await services.served.load(connection, version.version)
+    if version.vocabulary_digest != services.vocabulary.digest:
+        # The served version keeps the vocabulary it was built with; a
+        # changed file takes effect through a rebuild.
+        log.warning(
+            "projection.vocabulary_differs",
+            projection=PROJECTION_NAME,
+            version=version.version,
+            configured=services.vocabulary.source,
+            hint="run `ordertrail projections rebuild items` to apply it",
+        )
 
 
 async def _record_credential_use(services: Services, every: float = 10.0) -> None:

@@ -19,6 +19,7 @@ import msgspec
 import structlog
 
 from ordertrail.db.connection import Connection
+from ordertrail.lib.limits import RateLimiter
 from ordertrail.lib.secrets import (
     API_KEY_PREFIX,
     WEBHOOK_TOKEN_PREFIX,
@@ -187,10 +188,12 @@ class _Entry:
 class CredentialCache:
     """The active credentials, held in memory and checked in constant time.
 
-    The cache reloads when the database announces a change (create, revoke),
-    every ``refresh_interval`` seconds regardless, and on a failed match at
-    most once per ``miss_interval`` seconds, so that a token created a moment
-    ago works at once while a flood of wrong tokens costs one query a second.
+    The cache reloads when the database announces a change (create, revoke)
+    and every ``refresh_interval`` seconds regardless. A secret it does not
+    know is looked up by its digest (one index probe), so a token created a
+    moment ago works before the announcement arrives; those look-ups are
+    limited to ``miss_rate`` a second, so a flood of wrong tokens costs the
+    database little.
     """
 
     def __init__(
@@ -199,7 +202,7 @@ class CredentialCache:
         *,
         bootstrap: Sequence[tuple[Credential, str]] = (),
         refresh_interval: float = 30.0,
-        miss_interval: float = 1.0,
+        miss_rate: float = 20.0,
     ) -> None:
         self._pool = pool
         self._bootstrap = [_Entry(c, digest(secret)) for c, secret in bootstrap]
@@ -208,7 +211,7 @@ class CredentialCache:
         }
         self._loaded_at = 0.0
         self._refresh_interval = refresh_interval
-        self._miss_interval = miss_interval
+        self._misses = RateLimiter(miss_rate, miss_rate)
         self._reload_lock = asyncio.Lock()
         self._used: set[str] = set()
 
@@ -248,12 +251,25 @@ class CredentialCache:
         if age > self._refresh_interval:
             await self.reload()
         found = self._match(presented, kind)
-        if found is None and time.monotonic() - self._loaded_at > self._miss_interval:
-            await self.reload()
-            found = self._match(presented, kind)
+        if found is None and self._misses.take("miss") is None:
+            found = await self._look_up(presented, kind)
         if found is not None:
             self._used.add(found.id)
         return found
+
+    async def _look_up(self, presented: str, kind: CredentialKind) -> Credential | None:
+        async with self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                f"{_SELECT} WHERE secret_sha256 = $1 AND kind = $2 "
+                "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())",
+                digest(presented),
+                kind.value,
+            )
+        if row is None:
+            return None
+        # Known now: the next reload (announced or periodic) caches it.
+        self.invalidate()
+        return _credential(row)
 
     def _match(self, presented: str, kind: CredentialKind) -> Credential | None:
         presented_sha256 = digest(presented)

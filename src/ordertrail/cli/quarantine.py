@@ -12,7 +12,7 @@ from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.store import EventStore
 from ordertrail.ingest import quarantine as held
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.served import ServedProjection
 
 __all__ = ["quarantine"]
 
@@ -79,8 +79,8 @@ def retry_quarantine(quarantine_ids: tuple[int, ...], retry_all: bool) -> None:
         if retry_all:
             ids += [q.id for q in await held.list_held(connection, limit=100_000)]
         store = EventStore(redelivery_window=settings.redelivery_window)
-        projection = ItemProjection(Vocabulary.load(settings.vocabulary_file), store)
-        return [await held.release(connection, store, projection, i) for i in ids]
+        served = ServedProjection(store, Vocabulary.load(settings.vocabulary_file))
+        return [await held.release(connection, store, served, i) for i in ids]
 
     outcomes = with_connection(settings, retry)
     for outcome in outcomes:

@@ -65,6 +65,7 @@ class Anomaly(enum.StrEnum):
     AFTER_END = "after_end"
     CANCELLED_AFTER_COMPLETION = "cancelled_after_completion"
     PARTIAL_AFTER_FULL_REFUND = "partial_refund_after_full_refund"
+    SKIPPED = "skipped_by_operator"
 
 
 _PROGRESS = {
@@ -215,6 +216,18 @@ class Item(Aggregate):
         self.last_transition = meaning.transition
         self._refine_fulfilment(meaning.fulfilment)
         self._step(meaning.transition, report)
+
+    def pass_over(self, report: Item.StatusReported) -> None:
+        """Count a report an operator chose to leave out of the lifecycle.
+
+        The item's version moves past it, so later reports still apply, and
+        the skip stays visible as an anomaly.
+        """
+        self.version = report.originator_version
+        self.modified_on = report.timestamp
+        self.position = report.position
+        self.event_count += 1
+        self._flag(Anomaly.SKIPPED, report)
 
     def _refine_fulfilment(self, hint: Fulfilment | None) -> None:
         if hint is None or self.fulfilment not in _REFINABLE:

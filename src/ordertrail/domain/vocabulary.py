@@ -79,19 +79,19 @@ def normalise_status(raw: str) -> str:
 class Vocabulary:
     """A lookup from raw status strings to their lifecycle meaning."""
 
-    __slots__ = ("_known", "_meanings", "digest", "source")
+    __slots__ = ("_known", "_meanings", "digest", "source", "text")
 
-    def __init__(
-        self, meanings: dict[str, Meaning], *, source: str, digest: str
-    ) -> None:
+    def __init__(self, meanings: dict[str, Meaning], *, source: str, text: str) -> None:
         self._meanings = meanings
         # Raw strings already looked up: Locally sends few distinct statuses,
         # and a rebuild asks about each of millions of events.
         self._known: dict[str, Meaning | None] = {}
         self.source = source
         """Where the vocabulary was read from."""
-        self.digest = digest
-        """SHA-256 of the file, recorded with the projection built from it."""
+        self.text = text
+        """The file's text, recorded with each projection version built from it."""
+        self.digest = hashlib.sha256(text.encode()).hexdigest()
+        """SHA-256 of the text: which vocabulary a view was built with."""
 
     @classmethod
     def default(cls) -> Vocabulary:
@@ -125,8 +125,7 @@ class Vocabulary:
                     msg = f"{source}: alias {alias!r} is listed for two meanings"
                     raise VocabularyError(msg)
                 meanings[key] = meaning
-        digest = hashlib.sha256(text.encode()).hexdigest()
-        return cls(meanings, source=source, digest=digest)
+        return cls(meanings, source=source, text=text)
 
     def meaning(self, raw_status: str) -> Meaning | None:
         """Return what ``raw_status`` stands for, or ``None`` if unrecognized."""

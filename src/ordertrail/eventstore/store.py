@@ -342,7 +342,12 @@ class EventStore:
                 event.redelivery_of = event.repeats.position
 
     async def read_after(
-        self, connection: Connection, cursor: Cursor, limit: int = 1000
+        self,
+        connection: Connection,
+        cursor: Cursor,
+        limit: int = 1000,
+        *,
+        settled: bool = True,
     ) -> list[RecordedEvent]:
         """Return up to ``limit`` committed events after ``cursor``, in log order.
 
@@ -351,15 +356,12 @@ class EventStore:
         transaction still to commit has a larger id, so a reader that carries
         the last returned event's cursor forward never skips an event, however
         late its transaction commits.
+
+        ``settled=False`` drops the horizon; it is safe only while nothing can
+        append (a projection swap holds every appender back).
         """
         rows = await connection.fetch(
-            f"""
-            SELECT {_COLUMNS} FROM events
-            WHERE (transaction_id, position) > ($1::text::xid8, $2)
-              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-            ORDER BY transaction_id, position
-            LIMIT $3
-            """,
+            _READ_SETTLED if settled else _READ_ALL,
             str(cursor.transaction_id),
             cursor.position,
             limit,
@@ -423,6 +425,21 @@ def _columns(streams: list[StreamKey]) -> tuple[list[str], list[str], list[str]]
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
     return RecordedEvent(**dict(row.items()))
 
+
+_READ_SETTLED = f"""
+    SELECT {_COLUMNS} FROM events
+    WHERE (transaction_id, position) > ($1::text::xid8, $2)
+      AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY transaction_id, position
+    LIMIT $3
+"""
+
+_READ_ALL = f"""
+    SELECT {_COLUMNS} FROM events
+    WHERE (transaction_id, position) > ($1::text::xid8, $2)
+    ORDER BY transaction_id, position
+    LIMIT $3
+"""
 
 _INSERT_COLUMNS = """
     mode, order_id, upc, version, event_type, schema_version, raw_status,

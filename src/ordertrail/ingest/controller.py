@@ -20,7 +20,7 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from ordertrail.api.documentation import WEBHOOK_TOKEN, WebhookOperation, problems
 from ordertrail.api.problems import problem_response
-from ordertrail.api.security import client_address, refuse_if_flooding
+from ordertrail.api.security import client_address, refuse_failing
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import CredentialKind
 from ordertrail.eventstore.records import Delivery
@@ -93,12 +93,13 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     client = client_address(request, services.settings.trusted_client_header)
     headers = _wanted_headers(request)
 
-    refuse_if_flooding(services, client)
     credential = await services.credentials.verify(
         headers.get(TOKEN_HEADER), CredentialKind.WEBHOOK_TOKEN
     )
     if credential is None or credential.mode is None:
-        services.failure_limits.take(client)
+        # Only failures are limited: Locally's own deliveries, which carry a
+        # valid token, must never wait behind someone's guessing.
+        refuse_failing(services, client)
         log.warning(
             "webhook.refused",
             reason="unauthenticated",

@@ -20,7 +20,7 @@ from ordertrail.eventstore.records import Delivery
 from ordertrail.eventstore.store import EventStore
 from ordertrail.ingest.payload import decode_webhook
 from ordertrail.ingest.writer import append_and_project
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.served import ServedProjection
 
 __all__ = ["Quarantined", "Release", "hold", "list_held", "release", "show"]
 
@@ -126,7 +126,7 @@ async def show(connection: Connection, quarantine_id: int) -> Quarantined | None
 async def release(
     connection: Connection,
     store: EventStore,
-    projection: ItemProjection,
+    served: ServedProjection,
     quarantine_id: int,
 ) -> Release:
     """Try a quarantined delivery again with the current code.
@@ -170,7 +170,7 @@ async def release(
         idempotency_key=held.idempotency_key,
     )
     async with connection.transaction():
-        (event,) = await append_and_project(connection, store, projection, [delivery])
+        (event,) = await append_and_project(connection, store, served, [delivery])
         await connection.execute(
             "UPDATE quarantine SET released_at = now(), released_position = $2 "
             "WHERE id = $1",

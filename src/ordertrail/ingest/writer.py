@@ -21,7 +21,8 @@ import structlog
 from ordertrail.db.connection import Connection
 from ordertrail.eventstore.records import Appended, Delivery
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore, NewEvent
-from ordertrail.projections.items import PROJECTION_NAME, ItemProjection
+from ordertrail.projections.items import PROJECTION_NAME
+from ordertrail.projections.served import ServedProjection, enter_projection
 
 __all__ = ["AppendFailed", "GroupCommitWriter", "append_and_project"]
 
@@ -47,33 +48,34 @@ class AppendFailed(Exception):
 async def append_and_project(
     connection: Connection,
     store: EventStore,
-    projection: ItemProjection,
+    served: ServedProjection,
     deliveries: Sequence[Delivery],
 ) -> list[NewEvent]:
-    """Append ``deliveries`` and apply them to the item view, in one transaction.
+    """Append ``deliveries`` and apply them to the served item view, together.
 
-    The caller's connection must not be in a transaction; this opens one and
-    commits it before returning.
+    Opens a transaction (a savepoint if the caller has one open) and commits
+    it before returning. If the projection code raises on an item, that item's
+    row is left behind and the failure logged: the events still commit, and
+    the projection's runner stops on the event so an operator can look.
     """
     async with connection.transaction():
+        version = await enter_projection(connection)
+        projection = await served.load(connection, version)
         events = await store.append(connection, deliveries)
-        await projection.apply(connection, [event.recorded() for event in events])
-        last = max(event.position for event in events)
-        await connection.execute(
-            """
-            WITH checkpoint AS (
-                UPDATE projections
-                SET checkpoint_xid = pg_current_xact_id(), checkpoint_position = $2,
-                    updated_at = now()
-                WHERE name = $1 AND state = 'serving'
-                  AND (checkpoint_xid, checkpoint_position) < (pg_current_xact_id(), $2)
+        applied = await projection.apply(connection, [e.recorded() for e in events])
+        for failure in applied.failures:
+            log.error(
+                "projection.apply_failed",
+                projection=PROJECTION_NAME,
+                version=version,
+                position=failure.event.position,
+                order_id=failure.event.order_id,
+                upc=failure.event.upc,
+                error=failure.error,
             )
-            SELECT pg_notify($3, $2::text)
-            """,
-            PROJECTION_NAME,
-            last,
-            EVENTS_CHANNEL,
-        )
+        # One notification per commit, naming the highest position appended.
+        last = max(event.position for event in events)
+        await connection.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(last))
     return events
 
 
@@ -92,14 +94,14 @@ class GroupCommitWriter:
         self,
         pool: asyncpg.Pool,
         store: EventStore,
-        projection: ItemProjection,
+        served: ServedProjection,
         *,
         commit_delay: float = 0.002,
         batch_size: int = 256,
     ) -> None:
         self._pool = pool
         self._store = store
-        self._projection = projection
+        self._served = served
         self._commit_delay = commit_delay
         self._batch_size = batch_size
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
@@ -184,7 +186,7 @@ class GroupCommitWriter:
     async def _write(self, deliveries: list[Delivery]) -> list[NewEvent]:
         async with self._pool.acquire() as connection:
             return await append_and_project(
-                connection, self._store, self._projection, deliveries
+                connection, self._store, self._served, deliveries
             )
 
 

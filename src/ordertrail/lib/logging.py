@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import msgspec
@@ -29,15 +29,48 @@ _ALLOWED_FIELDS = frozenset({"token_id"})
 def redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Mask fields named like secrets and values shaped like our secrets."""
+    """Mask fields named like secrets and values shaped like our secrets.
+
+    Nested mappings and sequences (a headers dict, a list of pairs) are
+    scrubbed too, so a secret cannot hide one level down.
+    """
     for key in list(event_dict):
-        if key not in _ALLOWED_FIELDS and _SECRET_FIELD.search(key):
-            event_dict[key] = "[redacted]"
-            continue
-        value = event_dict[key]
-        if isinstance(value, str) and _SECRET_VALUE.search(value):
-            event_dict[key] = _SECRET_VALUE.sub("[redacted]", value)
+        event_dict[key] = _scrub(key, event_dict[key], depth=0)
     return event_dict
+
+
+_REDACTED = "[redacted]"
+_DEEPEST = 6
+
+
+def _scrub(key: object, value: Any, *, depth: int) -> Any:  # noqa: PLR0911 - one case each
+    if (
+        isinstance(key, str)
+        and key not in _ALLOWED_FIELDS
+        and _SECRET_FIELD.search(key)
+    ):
+        return _REDACTED
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(_REDACTED, value) if "ot" in value else value
+    if isinstance(value, bytes):
+        return _scrub(key, value.decode("latin-1"), depth=depth)
+    if depth >= _DEEPEST:
+        return value
+    if isinstance(value, Mapping):
+        return {k: _scrub(k, v, depth=depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return _scrub_sequence(value, depth=depth + 1)
+    return value
+
+
+def _scrub_sequence(items: list[Any] | tuple[Any, ...], *, depth: int) -> list[Any]:
+    # A pair whose first item names a secret ("authorization", "Bearer ...")
+    # is a header: mask its value.
+    if len(items) == 2 and isinstance(items[0], str | bytes):
+        name = items[0].decode("latin-1") if isinstance(items[0], bytes) else items[0]
+        if _SECRET_FIELD.search(name):
+            return [name, _REDACTED]
+    return [_scrub(None, item, depth=depth) for item in items]
 
 
 def _to_json(event_dict: Any, **_options: Any) -> str:
@@ -56,7 +89,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        redact_secrets,
     ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer(serializer=_to_json)
@@ -67,6 +99,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
         processors=[
             *shared,
             structlog.processors.format_exc_info,
+            # Last before rendering, so exception text is scrubbed too.
+            redact_secrets,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
@@ -82,6 +116,8 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact_secrets,
                 renderer,
             ],
         )

@@ -68,6 +68,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Failed authentications one address may make at once."""
     cors_origins: str | None = None
     """Comma-separated origins allowed to read from browsers; unset: no CORS."""
+    audit_key: str | None = None
+    """Secret that signs audit checkpoints (HMAC-SHA256), 32 characters or more.
+
+    Unset, checkpoints cannot be recorded and their signatures not checked.
+    """
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

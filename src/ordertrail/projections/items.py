@@ -27,8 +27,12 @@ from ordertrail.eventstore.store import EventStore
 __all__ = [
     "PROJECTION_NAME",
     "PROJECTION_VERSION",
+    "Applied",
+    "FoldFailure",
     "ItemProjection",
     "ItemView",
+    "create_view_indexes",
+    "create_view_table",
     "to_domain_event",
 ]
 
@@ -167,15 +171,41 @@ def _order_url(raw_body: bytes) -> str | None:
         return None
 
 
+class FoldFailure(msgspec.Struct, frozen=True):
+    """The projection code raised on an event: a poison event."""
+
+    event: RecordedEvent
+    error: str
+
+
+class Applied(msgspec.Struct, frozen=True):
+    """What applying a batch of events did."""
+
+    views: list[ItemView]
+    """The rows written."""
+    failures: list[FoldFailure]
+    """Streams left as they were because their code raised (a poison event)."""
+
+
 class ItemProjection:
-    """Folds item streams into the item view table."""
+    """Folds item streams into one version's item view table."""
 
     def __init__(
-        self, vocabulary: Vocabulary, store: EventStore, *, table: str = "item_view"
+        self,
+        vocabulary: Vocabulary,
+        store: EventStore,
+        *,
+        version: int = PROJECTION_VERSION,
+        table: str = "item_view",
+        skipped: frozenset[int] = frozenset(),
     ) -> None:
         self.vocabulary = vocabulary
         self.store = store
+        self.version = version
+        """The projection version whose table this writes."""
         self.table = table
+        self.skipped = skipped
+        """Positions an operator told this version to pass over."""
 
     @property
     def tag(self) -> str:
@@ -184,7 +214,7 @@ class ItemProjection:
         The same stream version renders differently under another projection
         version or vocabulary, so entity tags of views include this.
         """
-        return f"{PROJECTION_VERSION}.{self.vocabulary.digest[:12]}"
+        return f"{self.version}.{self.vocabulary.digest[:12]}"
 
     def fold(self, item: Item | None, events: Iterable[RecordedEvent]) -> Item | None:
         """Apply ``events`` (one stream, in version order) to ``item``."""
@@ -196,36 +226,74 @@ class ItemProjection:
             if event.version <= item.version:
                 continue
             domain_event = to_domain_event(event, item.id)
-            domain_event.interpreted(self.vocabulary).mutate(item)
+            if event.position in self.skipped:
+                item.pass_over(domain_event)
+            else:
+                domain_event.interpreted(self.vocabulary).mutate(item)
         return item
 
     async def apply(
         self, connection: Connection, events: Sequence[RecordedEvent]
-    ) -> list[ItemView]:
-        """Apply committed-in-this-transaction ``events`` to their item rows."""
+    ) -> Applied:
+        """Apply ``events`` to their item rows, in the caller's transaction.
+
+        A stream whose fold raises is left untouched and reported, with the
+        event that raised; the other streams are written.
+        """
         by_stream: dict[StreamKey, list[RecordedEvent]] = {}
         for event in events:
             by_stream.setdefault(event.stream, []).append(event)
         current = await self.load(connection, list(by_stream))
-        views = []
+        views: list[ItemView] = []
+        failures: list[FoldFailure] = []
         for stream, fresh in by_stream.items():
             known = current.get(stream)
             item = Item.restore(known) if known else None
             applied = item.version if item is not None else 0
-            pending = fresh
-            if fresh[0].version > applied + 1:
-                # The row lags its stream (it was built before a swap, or an
-                # earlier apply failed): catch up from the log first.
-                missing = await self.store.read_stream(
-                    connection, stream, after_version=applied
-                )
-                pending = [e for e in missing if e.version < fresh[0].version]
-                pending += fresh
-            item = self.fold(item, pending)
-            assert item is not None
-            views.append(ItemView.of(item))
-        await self.save(connection, views)
-        return views
+            pending = await self._with_missing(connection, stream, item, fresh)
+            try:
+                folded = self.fold(item, pending)
+            except Exception as error:  # noqa: BLE001 - projection code is fallible
+                poison = self._failing_event(known, pending)
+                failures.append(FoldFailure(poison, repr(error)))
+                continue
+            # A row already holding every event (the inline writer got there
+            # first) needs no write.
+            if folded is not None and folded.version > applied:
+                views.append(ItemView.of(folded))
+        if views:
+            await self.save(connection, views)
+        return Applied(views, failures)
+
+    def _failing_event(
+        self, known: dict[str, Any] | None, pending: list[RecordedEvent]
+    ) -> RecordedEvent:
+        # Fold again from the saved row, one event at a time, to name the
+        # event that raised.
+        item = Item.restore(known) if known else None
+        for event in pending:
+            try:
+                item = self.fold(item, [event])
+            except Exception:  # noqa: BLE001 - this is the one
+                return event
+        return pending[-1]
+
+    async def _with_missing(
+        self,
+        connection: Connection,
+        stream: StreamKey,
+        item: Item | None,
+        fresh: list[RecordedEvent],
+    ) -> list[RecordedEvent]:
+        applied = item.version if item is not None else 0
+        if fresh[0].version <= applied + 1:
+            return fresh
+        # The row lags its stream (an earlier fold failed, or the row was
+        # written by another version): catch up from the log first.
+        missing = await self.store.read_stream(
+            connection, stream, after_version=applied
+        )
+        return [e for e in missing if e.version < fresh[0].version] + fresh
 
     async def load(
         self, connection: Connection, streams: list[StreamKey]
@@ -255,6 +323,52 @@ class ItemProjection:
                 for column in VIEW_COLUMNS
             ),
         )
+
+
+async def create_view_table(connection: Connection, table: str) -> None:
+    """Create an item view table (as the first was created by migration 0002).
+
+    Only the primary key comes with it: a rebuild fills the table faster
+    without the read indexes, which ``create_view_indexes`` adds afterwards.
+    """
+    await connection.execute(
+        f"""
+        CREATE TABLE "{table}" (
+            mode                  text        NOT NULL,
+            order_id              text        NOT NULL,
+            upc                   text        NOT NULL,
+            state                 text        NOT NULL,
+            fulfilment            text        NOT NULL,
+            refund                text        NOT NULL,
+            message_count         integer     NOT NULL,
+            redelivery_count      integer     NOT NULL,
+            event_count           integer     NOT NULL,
+            order_url             text,
+            last_status           text        NOT NULL,
+            last_transition       text,
+            first_event_at        timestamptz NOT NULL,
+            last_event_at         timestamptz NOT NULL,
+            version               integer     NOT NULL,
+            position              bigint      NOT NULL,
+            unrecognized_statuses jsonb       NOT NULL,
+            anomalies             jsonb       NOT NULL,
+            updated_at            timestamptz NOT NULL DEFAULT now(),
+            change_xid            xid8        NOT NULL DEFAULT pg_current_xact_id(),
+            PRIMARY KEY (mode, order_id, upc)
+        )
+        """
+    )
+
+
+async def create_view_indexes(connection: Connection, table: str) -> None:
+    """Add the indexes the read API and the change feed use."""
+    await connection.execute(
+        f'CREATE INDEX IF NOT EXISTS "{table}_state" ON "{table}" (mode, state)'
+    )
+    await connection.execute(
+        f'CREATE INDEX IF NOT EXISTS "{table}_changes" '
+        f'ON "{table}" (mode, change_xid, position)'
+    )
 
 
 def _upsert_statement(table: str) -> str:

@@ -57,18 +57,6 @@ class RateLimiter:
             return None
         return (1.0 - bucket.tokens) / self.rate
 
-    def exhausted(self, name: str) -> float | None:
-        """Return the wait if ``name``'s bucket is empty now, without spending."""
-        if self.rate <= 0:
-            return None
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            return None
-        tokens = min(
-            self.burst, bucket.tokens + (time.monotonic() - bucket.updated) * self.rate
-        )
-        return None if tokens >= 1.0 else (1.0 - tokens) / self.rate
-
     def _forget_full(self, now: float) -> None:
         # A bucket that has refilled says nothing a new one would not; drop
         # those so a flood of addresses cannot grow memory without bound.
