@@ -18,6 +18,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from ordertrail import __version__
 from ordertrail.api.admin import AdminController
+from ordertrail.api.audit import export_events
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
 from ordertrail.api.orders import OrdersController
@@ -127,6 +128,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             changes,
             items,
             AdminController,
+            export_events,
             live,
             ready,
         ],

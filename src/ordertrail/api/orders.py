@@ -11,6 +11,9 @@ from litestar import Controller, Request, Response, get
 from litestar.datastructures import ResponseHeader
 from litestar.params import Parameter
 
+from ordertrail.api.audit import AsOfParameter, PastItemView, PastOrderView
+from ordertrail.api.audit import past_item as past_item_response
+from ordertrail.api.audit import past_order as past_order_response
 from ordertrail.api.conditional import fresh, not_modified, validators
 from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import ModeParameter
@@ -100,8 +103,15 @@ class OrdersController(Controller):
         request: Request[Any, Any, Any],
         order_id: str,
         mode: ModeParameter = "live",
-    ) -> Response[OrderView] | Response[None]:
-        """Return the order's items and the roll-up of their states."""
+        as_of: AsOfParameter = None,
+    ) -> Response[OrderView] | Response[PastOrderView] | Response[None]:
+        """Return the order's items and the roll-up of their states.
+
+        With ``as_of``, the order as it stood then, with ``as_of`` and
+        ``as_of_position`` added.
+        """
+        if as_of is not None:
+            return await past_order_response(request, order_id, mode, as_of)
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             rows = await connection.fetch(
@@ -139,8 +149,15 @@ class OrdersController(Controller):
         order_id: str,
         upc: str,
         mode: ModeParameter = "live",
-    ) -> Response[ItemView] | Response[None]:
-        """Return one item's projected state."""
+        as_of: AsOfParameter = None,
+    ) -> Response[ItemView] | Response[PastItemView] | Response[None]:
+        """Return one item's projected state.
+
+        With ``as_of``, the item as it stood then, with ``as_of`` and
+        ``as_of_position`` added.
+        """
+        if as_of is not None:
+            return await past_item_response(request, order_id, upc, mode, as_of)
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             row = await connection.fetchrow(

@@ -9,8 +9,10 @@ from pathlib import Path
 import click
 
 from ordertrail import __version__
+from ordertrail.cli.audit import audit
 from ordertrail.cli.common import load_settings, with_connection
 from ordertrail.cli.credentials import keys, tokens
+from ordertrail.cli.history import export, replay_order
 from ordertrail.cli.quarantine import quarantine
 from ordertrail.cli.send_test import send_test
 from ordertrail.db.connection import Connection, database_url
@@ -143,6 +145,9 @@ cli.add_command(tokens)
 cli.add_command(keys)
 cli.add_command(quarantine)
 cli.add_command(send_test)
+cli.add_command(replay_order)
+cli.add_command(export)
+cli.add_command(audit)
 
 
 if __name__ == "__main__":
