@@ -46,6 +46,8 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("GET", "/v1/changes"): Access.READER,
     ("GET", "/v1/items"): Access.READER,
     ("GET", "/v1/admin/quarantine"): Access.ADMIN,
+    ("GET", "/v1/admin/projections"): Access.ADMIN,
+    ("GET", "/v1/export"): Access.AUDITOR,
     ("GET", "/health/live"): Access.OPEN,
     ("GET", "/health/ready"): Access.OPEN,
 }
@@ -244,7 +246,8 @@ def _faults(response: httpx.Response, access: Access) -> list[str]:
         name = {401: ("unauthorized", "unauthenticated"), 403: ("forbidden",)}
         if document.get("type", "").rpartition(":")[2] not in name[status]:
             faults.append(f"problem type {document.get('type')!r} on a {status}")
-    elif not content_type.startswith("application/json"):
+    elif not content_type.startswith(("application/json", "application/x-ndjson")):
+        # The export streams JSON lines; everything else answers one document.
         faults.append(f"{status} answered as {content_type!r}")
     # The read API speaks HTTP authentication (RFC 9110 11.6.1): a 401 names
     # the scheme, so a client knows to send a Bearer key. The webhook's own

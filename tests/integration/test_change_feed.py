@@ -32,7 +32,7 @@ from ordertrail.auth.credentials import CredentialKind, Role, create_credential
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.store import EventStore
 from ordertrail.ingest.writer import append_and_project
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.served import ServedProjection
 from tests.integration.api_support import problem
 from tests.integration.helpers import TOKEN_HEADER, post_webhook
 from tests.support import (
@@ -528,22 +528,25 @@ async def final_versions(
     return {(row["order_id"], row["upc"]): row["version"] for row in rows}
 
 
+_STORE = EventStore()
+
+
 @pytest.fixture(scope="module")
-def projection() -> ItemProjection:
+def projection() -> ServedProjection:
     """The projection the served service runs, for appending beside it."""
-    return ItemProjection(Vocabulary.load(None), EventStore())
+    return ServedProjection(_STORE, Vocabulary.load(None))
 
 
 async def append_directly(
     connection: asyncpg.Connection,
-    projection: ItemProjection,
+    projection: ServedProjection,
     items: Sequence[ItemKey],
     status: str,
 ) -> None:
     """Append one delivery per item through the writer's own transaction step."""
     await append_and_project(
         connection,
-        projection.store,
+        _STORE,
         projection,
         [delivery(order_id, upc=upc, status=status) for order_id, upc in items],
     )
@@ -586,7 +589,7 @@ async def test_a_poller_misses_no_change_while_webhooks_commit_concurrently(
 
 @pytest.mark.slow
 async def test_a_poller_misses_no_change_while_transactions_commit_out_of_order(
-    served: Served, pool: asyncpg.Pool, projection: ItemProjection
+    served: Served, pool: asyncpg.Pool, projection: ServedProjection
 ) -> None:
     orders = [new_order_id() for _ in range(3)]
     items = [(order, f"{upc:012d}") for order in orders for upc in range(8)]
@@ -619,7 +622,7 @@ async def test_a_poller_misses_no_change_while_transactions_commit_out_of_order(
 
 @pytest.mark.slow
 async def test_a_change_that_commits_late_still_reaches_the_poller(
-    served: Served, pool: asyncpg.Pool, projection: ItemProjection
+    served: Served, pool: asyncpg.Pool, projection: ServedProjection
 ) -> None:
     order_id = new_order_id()
     early, held_item = (order_id, "early"), (order_id, "held")
@@ -665,7 +668,7 @@ async def test_a_change_that_commits_late_still_reaches_the_poller(
 
 @pytest.mark.slow
 async def test_deliveries_are_acknowledged_while_an_append_transaction_is_held(
-    served: Served, pool: asyncpg.Pool, projection: ItemProjection
+    served: Served, pool: asyncpg.Pool, projection: ServedProjection
 ) -> None:
     # One append transaction that stalls before its commit (a paused process,
     # a connection whose client died) must not hold up every other delivery:

@@ -47,7 +47,8 @@ async def limited(database_url: str) -> AsyncIterator[AsyncTestClient[Litestar]]
 
 def address() -> dict[str, str]:
     """A client address of this test's own, so buckets do not carry over."""
-    return {FORWARDED: f"198.51.100.{uuid.uuid4().int % 250}, 10.0.0.1"}
+    # The trusted proxy appends what it saw: the last entry is the address.
+    return {FORWARDED: f"10.0.0.1, 198.51.100.{uuid.uuid4().int % 250}"}
 
 
 async def test_guessing_webhook_tokens_is_slowed_down(

@@ -14,14 +14,21 @@ from ordertrail.api.security import requires
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import Role
 from ordertrail.ingest.quarantine import Quarantined, list_held
+from ordertrail.projections.status import ProjectionStatus, statuses
 
-__all__ = ["AdminController", "QuarantinePage"]
+__all__ = ["AdminController", "ProjectionsPage", "QuarantinePage"]
 
 
 class QuarantinePage(msgspec.Struct, frozen=True, kw_only=True):
     """Quarantined deliveries, oldest first; ``raw_body`` is base64."""
 
     deliveries: list[Quarantined]
+
+
+class ProjectionsPage(msgspec.Struct, frozen=True, kw_only=True):
+    """Every projection version with its state and lag."""
+
+    projections: list[ProjectionStatus]
 
 
 class AdminController(Controller):
@@ -53,3 +60,16 @@ class AdminController(Controller):
                 connection, include_released=include_released, limit=limit
             )
         return QuarantinePage(deliveries=held)
+
+    @get(
+        "/projections",
+        summary="Projection versions: state, checkpoint, head, lag, last error",
+        security=API_KEY,
+        responses=problems(401, 403, 429),
+    )
+    async def projections(self, request: Request[Any, Any, Any]) -> ProjectionsPage:
+        """Show what ``ordertrail projections status`` shows."""
+        services: Services = request.app.state.services
+        async with services.pool.acquire() as connection:
+            found = await statuses(connection)
+        return ProjectionsPage(projections=found)

@@ -88,6 +88,12 @@ async def changes(
     )
     deadline = time.monotonic() + wait
     while True:
+        # The head as known before the query: if the page is empty, wait for
+        # the feed to pass both the cursor and this head. A row at the head
+        # that is changed again drops below the horizon for a while, and
+        # waiting only for the cursor would then return at once, again and
+        # again.
+        known = services.feed.head(mode)
         async with services.pool.acquire() as connection:
             rows = await _changed_after(connection, mode, place, limit)
         remaining = deadline - time.monotonic()
@@ -95,7 +101,7 @@ async def changes(
             break
         # No connection is held while waiting: a waiting poller is a parked
         # coroutine, woken only when the feed moves past its cursor.
-        if not await services.feed.wait_past(mode, place, remaining):
+        if not await services.feed.wait_past(mode, max(place, known), remaining):
             break
     last = place if not rows else (rows[-1]["change_xid"], rows[-1]["position"])
     return ChangePage(

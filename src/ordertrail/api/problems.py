@@ -126,8 +126,14 @@ def _public_name(request: Request[Any, Any, Any], argument: str) -> str:
         field = request.route_handler.parsed_fn_signature.parameters[argument]
     except (AttributeError, KeyError):
         return argument
-    alias = getattr(field.kwarg_definition, "query", None)
-    return alias if isinstance(alias, str) else argument
+    definition = field.kwarg_definition
+    # QueryParameter keeps the public name in ``name``; the older Parameter
+    # form in ``query``.
+    for attribute in ("name", "query"):
+        alias = getattr(definition, attribute, None)
+        if isinstance(alias, str) and alias:
+            return alias
+    return argument
 
 
 def _on_unauthorized(

@@ -30,12 +30,14 @@ def client_address(
 ) -> str:
     """Return the client's address, from a trusted proxy header if configured.
 
-    Only a header named in the settings is believed: anyone can send one.
+    Only a header named in the settings is believed: anyone can send one. Of
+    a list (``X-Forwarded-For: a, b``) the last entry is taken, the one the
+    trusted proxy appended; the entries before it are the client's to write.
     """
     if trusted_header:
         forwarded = connection.headers.get(trusted_header)
         if forwarded:
-            return forwarded.split(",")[0].strip()[:64]
+            return forwarded.rsplit(",", 1)[-1].strip()[:64]
     return connection.client.host if connection.client else "unknown"
 
 
@@ -66,6 +68,13 @@ def requires(role: Role) -> Guard:
         connection: ASGIConnection[Any, Any, Any, Any], _handler: BaseRouteHandler
     ) -> None:
         services: Services = connection.app.state.services
+        state = connection.scope["state"]
+        admitted = state.get("api_key_role")
+        if isinstance(admitted, Role):
+            # An outer guard (the controller's) already checked the key and
+            # spent its rate; only the role is left to check.
+            _require(admitted, role)
+            return
         key = await services.credentials.verify(
             _bearer(connection), CredentialKind.API_KEY
         )
@@ -78,9 +87,14 @@ def requires(role: Role) -> Guard:
         wait = services.key_limits.take(key.id)
         if wait is not None:
             raise _rate_limited(wait, "this API key is over its request rate")
-        if not key.role.allows(role):
-            raise PermissionDeniedException(f"this needs the {role.value} role")
-        connection.scope["state"]["api_key_id"] = key.id
+        state["api_key_id"] = key.id
+        state["api_key_role"] = key.role
+        _require(key.role, role)
 
     guard.__name__ = f"requires_{role.value}"
     return guard
+
+
+def _require(held: Role, needed: Role) -> None:
+    if not held.allows(needed):
+        raise PermissionDeniedException(f"this needs the {needed.value} role")

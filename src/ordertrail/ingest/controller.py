@@ -34,6 +34,8 @@ log = structlog.get_logger("ordertrail.ingest")
 
 TOKEN_HEADER = "locally-webhook-token"  # noqa: S105 - a header name
 IDEMPOTENCY_HEADERS = ("idempotency-key", "webhook-id")
+# RFC 9110 asks every 401 for a challenge; this one names the header to send.
+_TOKEN_CHALLENGE = 'Token realm="ordertrail", header="locally-webhook-token"'  # noqa: S105
 _MAX_IDEMPOTENCY_KEY = 256
 
 
@@ -110,6 +112,7 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
             401,
             "unauthenticated",
             "Missing or unknown webhook token",
+            headers={"WWW-Authenticate": _TOKEN_CHALLENGE},
             request_id=request_id,
         )
     arrival = Arrival(
