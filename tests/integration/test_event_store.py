@@ -17,7 +17,7 @@ from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.records import Cursor, RecordedEvent, StreamKey
 from ordertrail.eventstore.store import EventStore, NewEvent
 from ordertrail.ingest.writer import append_and_project
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.served import ServedProjection
 from tests.integration.helpers import get_item, post_webhook, stored_events
 from tests.support import (
     UPC,
@@ -30,7 +30,7 @@ from tests.support import (
 )
 
 STORE = EventStore()
-PROJECTION = ItemProjection(Vocabulary.default(), STORE)
+SERVED = ServedProjection(STORE, Vocabulary.default())
 
 
 @pytest.fixture
@@ -395,7 +395,7 @@ async def test_concurrent_appends_from_separate_connections_keep_versions(
                 append_and_project(
                     connection,
                     STORE,
-                    PROJECTION,
+                    SERVED,
                     [
                         delivery(
                             order_id,

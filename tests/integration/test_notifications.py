@@ -13,11 +13,11 @@ from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.notifications import Listener, PositionSignal
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore
 from ordertrail.ingest.writer import append_and_project
-from ordertrail.projections.items import ItemProjection
+from ordertrail.projections.served import ServedProjection
 from tests.support import delivery
 
 STORE = EventStore()
-PROJECTION = ItemProjection(Vocabulary.default(), STORE)
+SERVED = ServedProjection(STORE, Vocabulary.default())
 
 
 @pytest.fixture
@@ -44,7 +44,7 @@ async def test_append_wakes_a_waiting_reader_with_its_position(
         events = await append_and_project(
             connection,
             STORE,
-            PROJECTION,
+            SERVED,
             [delivery(order_id), delivery(order_id, upc="2", status="ordered")],
         )
 

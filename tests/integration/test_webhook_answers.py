@@ -228,7 +228,7 @@ async def test_release_turns_a_readable_quarantined_body_into_an_event(
 
     async with pool.acquire() as connection:
         released = await quarantine.release(
-            connection, services.store, services.projection, quarantine_id
+            connection, services.store, services.served, quarantine_id
         )
         held = await quarantine.show(connection, quarantine_id)
 
@@ -262,7 +262,7 @@ async def test_release_keeps_what_still_cannot_be_read(
 
     async with pool.acquire() as connection:
         released = await quarantine.release(
-            connection, services.store, services.projection, held["id"]
+            connection, services.store, services.served, held["id"]
         )
         still = await quarantine.show(connection, held["id"])
 
@@ -302,13 +302,11 @@ async def test_release_refuses_truncated_and_released_deliveries(
     )
 
     async with pool.acquire() as connection:
-        store, projection = services.store, services.projection
-        refused = await quarantine.release(
-            connection, store, projection, truncated["id"]
-        )
-        first = await quarantine.release(connection, store, projection, readable)
-        second = await quarantine.release(connection, store, projection, readable)
-        missing = await quarantine.release(connection, store, projection, 2**62)
+        store, served = services.store, services.served
+        refused = await quarantine.release(connection, store, served, truncated["id"])
+        first = await quarantine.release(connection, store, served, readable)
+        second = await quarantine.release(connection, store, served, readable)
+        missing = await quarantine.release(connection, store, served, 2**62)
 
     assert (refused.released, refused.reason) == (
         False,
