@@ -48,6 +48,7 @@ EXPECTED: dict[tuple[str, str], Access] = {
     ("GET", "/v1/admin/quarantine"): Access.ADMIN,
     ("GET", "/v1/admin/projections"): Access.ADMIN,
     ("GET", "/v1/export"): Access.AUDITOR,
+    ("GET", "/metrics"): Access.ADMIN,
     ("GET", "/health/live"): Access.OPEN,
     ("GET", "/health/ready"): Access.OPEN,
 }
@@ -246,8 +247,11 @@ def _faults(response: httpx.Response, access: Access) -> list[str]:
         name = {401: ("unauthorized", "unauthenticated"), 403: ("forbidden",)}
         if document.get("type", "").rpartition(":")[2] not in name[status]:
             faults.append(f"problem type {document.get('type')!r} on a {status}")
-    elif not content_type.startswith(("application/json", "application/x-ndjson")):
-        # The export streams JSON lines; everything else answers one document.
+    elif not content_type.startswith(
+        ("application/json", "application/x-ndjson", "text/plain")
+    ):
+        # The export streams JSON lines and metrics are Prometheus text;
+        # everything else answers one JSON document.
         faults.append(f"{status} answered as {content_type!r}")
     # The read API speaks HTTP authentication (RFC 9110 11.6.1): a 401 names
     # the scheme, so a client knows to send a Bearer key. The webhook's own

@@ -27,6 +27,7 @@ from ordertrail.eventstore.records import Delivery
 from ordertrail.ingest import quarantine
 from ordertrail.ingest.payload import decode_webhook
 from ordertrail.ingest.writer import AppendFailed
+from ordertrail.lib.metrics import DELIVERIES
 
 __all__ = ["Accepted", "Arrival", "receive_webhook"]
 
@@ -101,6 +102,7 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     if credential is None or credential.mode is None:
         # Only failures are limited: Locally's own deliveries, which carry a
         # valid token, must never wait behind someone's guessing.
+        DELIVERIES.labels("unknown", "unauthenticated").inc()
         refuse_failing(services, client)
         log.warning(
             "webhook.refused",
@@ -156,6 +158,7 @@ async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
     try:
         appended = await services.writer.append(delivery)
     except AppendFailed as error:
+        DELIVERIES.labels(delivery.mode, "unavailable").inc()
         log.error(  # noqa: TRY400 - the cause is known; a traceback adds nothing
             "webhook.not_stored",
             reason=str(error),
@@ -167,6 +170,7 @@ async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
         return _unavailable(delivery.request_id)
 
     redelivery = appended.redelivery_of is not None
+    DELIVERIES.labels(delivery.mode, "redelivery" if redelivery else "accepted").inc()
     log.info(
         "webhook.accepted",
         request_id=delivery.request_id,
@@ -265,6 +269,7 @@ async def _hold(
             reason=reason,
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        DELIVERIES.labels(arrival.mode, "unavailable").inc()
         log.error(  # noqa: TRY400 - the cause is known; a traceback adds nothing
             "webhook.not_stored",
             reason=str(error),
@@ -272,6 +277,7 @@ async def _hold(
             request_id=arrival.request_id,
         )
         return _unavailable(arrival.request_id)
+    DELIVERIES.labels(arrival.mode, "too_large" if truncated else "quarantined").inc()
     log.warning(
         "webhook.quarantined",
         request_id=arrival.request_id,

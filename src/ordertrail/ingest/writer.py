@@ -21,6 +21,7 @@ import structlog
 from ordertrail.db.connection import Connection
 from ordertrail.eventstore.records import Appended, Delivery
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore, NewEvent
+from ordertrail.lib.metrics import APPEND_SECONDS, BATCH_SIZE
 from ordertrail.projections.items import PROJECTION_NAME
 from ordertrail.projections.served import ServedProjection, enter_projection
 
@@ -161,6 +162,7 @@ class GroupCommitWriter:
         return batch
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             events = await self._write([p.delivery for p in batch])
         except _UNAVAILABLE as error:
@@ -179,6 +181,8 @@ class GroupCommitWriter:
             for pending in batch:
                 await self._commit([pending])
         else:
+            APPEND_SECONDS.observe(time.perf_counter() - started)
+            BATCH_SIZE.observe(len(batch))
             for pending, event in zip(batch, events, strict=True):
                 if not pending.future.done():
                     pending.future.set_result(event.appended)
