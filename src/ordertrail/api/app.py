@@ -21,6 +21,7 @@ from ordertrail.api.admin import AdminController
 from ordertrail.api.audit import export_events
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
+from ordertrail.api.metrics import metrics
 from ordertrail.api.orders import OrdersController
 from ordertrail.api.problems import exception_handlers
 from ordertrail.api.services import running_services
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             items,
             AdminController,
             export_events,
+            metrics,
             live,
             ready,
         ],

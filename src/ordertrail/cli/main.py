@@ -13,6 +13,7 @@ from ordertrail.cli.audit import audit
 from ordertrail.cli.common import load_settings, with_connection
 from ordertrail.cli.credentials import keys, tokens
 from ordertrail.cli.history import export, replay_order
+from ordertrail.cli.projections import projections
 from ordertrail.cli.quarantine import quarantine
 from ordertrail.cli.send_test import send_test
 from ordertrail.db.connection import Connection, database_url
@@ -144,6 +145,7 @@ def check(folder: Path) -> None:
 cli.add_command(tokens)
 cli.add_command(keys)
 cli.add_command(quarantine)
+cli.add_command(projections)
 cli.add_command(send_test)
 cli.add_command(replay_order)
 cli.add_command(export)
