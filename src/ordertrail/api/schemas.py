@@ -25,7 +25,10 @@ SCHEMA_FILES = (
 
 
 def _pretty(document: object) -> bytes:
-    return msgspec.json.format(msgspec.json.encode(document), indent=2) + b"\n"
+    # Sorted keys: litestar collects response headers in a frozenset, whose
+    # order changes with the process's hash seed.
+    encoded = msgspec.json.encode(document, order="sorted")
+    return msgspec.json.format(encoded, indent=2) + b"\n"
 
 
 def render_schemas() -> dict[str, bytes]:
