@@ -10,7 +10,8 @@ allow is kept, and flagged as an anomaly.
   completed. A report of an earlier step than the item has reached (a late
   or out-of-order delivery) leaves the state where it is.
 - Cancelled and refunded end the lifecycle. A refund may follow a
-  cancellation or a completion; any other step after the end is an anomaly.
+  cancellation or a completion; repeating the ending changes nothing; any
+  other step after the end is an anomaly.
 - Messages and partial refunds are counted and do not move the state.
 - A redelivery (the same body again, or a repeated idempotency key) counts
   as a redelivery and nothing else.
