@@ -22,6 +22,7 @@ from litestar.response import Stream
 
 from ordertrail.api.conditional import fresh, not_modified, validators
 from ordertrail.api.documentation import API_KEY, problems
+from ordertrail.api.parameters import LARGEST_POSITION
 from ordertrail.api.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemError
 from ordertrail.api.security import requires
 from ordertrail.api.services import Services
@@ -223,12 +224,16 @@ async def export_events(
         Parameter(description="Export only this mode's events; both if omitted."),
     ] = None,
     from_position: Annotated[
-        int, Parameter(ge=1, description="The first position to export.")
+        int,
+        Parameter(
+            ge=1, le=LARGEST_POSITION, description="The first position to export."
+        ),
     ] = 1,
     to_position: Annotated[
         int | None,
         Parameter(
             ge=1,
+            le=LARGEST_POSITION,
             description="The last position to export; at most, and by default, "
             "the settled position (below which the log can no longer change).",
         ),

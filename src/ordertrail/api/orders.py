@@ -16,7 +16,7 @@ from ordertrail.api.audit import past_item as past_item_response
 from ordertrail.api.audit import past_order as past_order_response
 from ordertrail.api.conditional import fresh, not_modified, validators
 from ordertrail.api.documentation import API_KEY, problems
-from ordertrail.api.parameters import ModeParameter
+from ordertrail.api.parameters import LARGEST_POSITION, ModeParameter
 from ordertrail.api.problems import ProblemError
 from ordertrail.api.security import requires
 from ordertrail.api.services import Services
@@ -192,7 +192,12 @@ class OrdersController(Controller):
         order_id: str,
         mode: ModeParameter = "live",
         after: Annotated[
-            int, Parameter(ge=0, description="Return events after this position.")
+            int,
+            Parameter(
+                ge=0,
+                le=LARGEST_POSITION,
+                description="Return events after this position.",
+            ),
         ] = 0,
         limit: Annotated[int, Parameter(ge=1, le=1000, description="Page size.")] = 100,
     ) -> EventHistory:

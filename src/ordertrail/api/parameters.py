@@ -11,6 +11,7 @@ from ordertrail.domain.item import ItemState
 from ordertrail.domain.vocabulary import Fulfilment
 
 __all__ = [
+    "LARGEST_POSITION",
     "FulfilmentFilter",
     "Limit",
     "ModeParameter",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 LONGEST_WAIT = 30.0
+LARGEST_POSITION = 2**63 - 1
+"""Positions are PostgreSQL bigints; a larger number can name no event."""
 
 ModeParameter = Annotated[
     Literal["live", "test"],
