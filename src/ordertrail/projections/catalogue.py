@@ -65,6 +65,16 @@ class ProjectionVersion(msgspec.Struct, frozen=True, kw_only=True):
     error_position: int | None
     created_at: datetime
     updated_at: datetime
+    bulk_horizon_xid: int | None
+    bulk_horizon_position: int | None
+    bulk_after: list[str] | None
+    """The last stream (mode, order_id, upc) the bulk phase wrote."""
+    bulk_done: bool
+
+    @property
+    def bulk_horizon(self) -> Cursor:
+        """Where the stream-by-stream phase of a rebuild stops."""
+        return Cursor(self.bulk_horizon_xid or 0, self.bulk_horizon_position or 0)
 
     @property
     def checkpoint(self) -> Cursor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Protocol, TypeVar, cast
 from uuid import UUID
 
 import msgspec
@@ -28,6 +28,7 @@ __all__ = [
     "PROJECTION_NAME",
     "PROJECTION_VERSION",
     "Applied",
+    "Fact",
     "FoldFailure",
     "ItemProjection",
     "ItemView",
@@ -127,8 +128,38 @@ _TOPICS = {EVENT_TYPE: get_topic(Item.StatusReported)}
 _mapper: Mapper[Any] = Mapper(transcoder=_DecodedState())
 
 
+class Fact(Protocol):
+    """What folding needs of a stored event (a RecordedEvent has it all)."""
+
+    @property
+    def mode(self) -> str: ...
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def upc(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def schema_version(self) -> int: ...
+    @property
+    def raw_status(self) -> str: ...
+    @property
+    def raw_body(self) -> bytes: ...
+    @property
+    def received_at(self) -> datetime: ...
+    @property
+    def redelivery_of(self) -> int | None: ...
+
+
+AnyFact = TypeVar("AnyFact", bound=Fact)
+
+
 def to_domain_event(
-    event: RecordedEvent, originator_id: UUID | None = None
+    event: Fact, originator_id: UUID | None = None
 ) -> Item.StatusReported:
     """Return the item domain event a stored event records.
 
@@ -216,7 +247,7 @@ class ItemProjection:
         """
         return f"{self.version}.{self.vocabulary.digest[:12]}"
 
-    def fold(self, item: Item | None, events: Iterable[RecordedEvent]) -> Item | None:
+    def fold(self, item: Item | None, events: Iterable[Fact]) -> Item | None:
         """Apply ``events`` (one stream, in version order) to ``item``."""
         for event in events:
             if item is None:
@@ -254,7 +285,7 @@ class ItemProjection:
             try:
                 folded = self.fold(item, pending)
             except Exception as error:  # noqa: BLE001 - projection code is fallible
-                poison = self._failing_event(known, pending)
+                poison = self.failing_event(known, pending)
                 failures.append(FoldFailure(poison, repr(error)))
                 continue
             # A row already holding every event (the inline writer got there
@@ -265,11 +296,13 @@ class ItemProjection:
             await self.save(connection, views)
         return Applied(views, failures)
 
-    def _failing_event(
-        self, known: dict[str, Any] | None, pending: list[RecordedEvent]
-    ) -> RecordedEvent:
-        # Fold again from the saved row, one event at a time, to name the
-        # event that raised.
+    def failing_event(
+        self, known: dict[str, Any] | None, pending: Sequence[AnyFact]
+    ) -> AnyFact:
+        """Return the event of ``pending`` whose fold raises.
+
+        Folds again from the saved row (``known``), one event at a time.
+        """
         item = Item.restore(known) if known else None
         for event in pending:
             try:

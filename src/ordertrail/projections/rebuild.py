@@ -16,20 +16,25 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from datetime import datetime
 
 import msgspec
 import structlog
 
 from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
+from ordertrail.eventstore.records import Cursor, StreamKey
 from ordertrail.eventstore.store import EventStore
 from ordertrail.projections import catalogue
 from ordertrail.projections.catalogue import ProjectionState, ProjectionVersion
 from ordertrail.projections.items import (
     PROJECTION_NAME,
     VIEW_COLUMNS,
+    FoldFailure,
     ItemProjection,
+    ItemView,
     create_view_indexes,
     create_view_table,
 )
@@ -59,6 +64,12 @@ _SAME = (
     + ")"
 )
 _KEYS_MATCH = "n.mode = o.mode AND n.order_id = o.order_id AND n.upc = o.upc"
+_SETTLED_HEAD = """
+    SELECT transaction_id, position FROM events
+    WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY transaction_id DESC, position DESC
+    LIMIT 1
+"""
 # The change feed reads rows above a cursor; no cursor is ever below zero.
 _ANNOUNCE = "'0'::xid8"
 
@@ -115,16 +126,20 @@ async def begin(
         )
         table = f"item_view_v{number}"
         await create_view_table(connection, table)
+        horizon = await connection.fetchrow(_SETTLED_HEAD)
         await connection.execute(
             "INSERT INTO projections (name, version, table_name, state, vocabulary, "
-            "vocabulary_digest, target_position) "
+            "vocabulary_digest, target_position, bulk_horizon_xid, "
+            "bulk_horizon_position) "
             "VALUES ($1, $2, $3, 'building', $4, $5, "
-            "(SELECT coalesce(max(position), 0) FROM events))",
+            "(SELECT coalesce(max(position), 0) FROM events), $6::text::xid8, $7)",
             name,
             number,
             table,
             vocabulary.text,
             vocabulary.digest,
+            str(horizon["transaction_id"]) if horizon else "0",
+            horizon["position"] if horizon else 0,
         )
     log.info("projection.rebuild_started", projection=name, version=number)
     record = await catalogue.find(connection, name, number)
@@ -178,10 +193,176 @@ async def build(
     batch_size: int = 5000,
     on_batch: Callable[[Batch], None] | None = None,
 ) -> Batch:
-    """Apply the log to a building version up to the settled head."""
+    """Apply the log to a building version up to the settled head.
+
+    First stream by stream up to the horizon fixed by ``begin`` (each item is
+    folded whole and written once), then in log order from that horizon, as
+    any runner follows the log.
+    """
     projection = await projection_of(connection, record, store, Vocabulary.default())
+    if not record.bulk_done:
+        failure = await _bulk(connection, record, projection, batch_size, on_batch)
+        if failure is not None:
+            return Batch(0, record.checkpoint, failure)
     runner = ProjectionRunner(store, projection, record.name, batch_size=batch_size)
     return await runner.catch_up(connection, on_batch=on_batch)
+
+
+class _Bulk(msgspec.Struct, array_like=True, frozen=True):
+    """An event as the bulk phase reads it: only what folding needs."""
+
+    mode: str
+    order_id: str
+    upc: str
+    version: int
+    position: int
+    transaction_id: int
+    event_type: str
+    schema_version: int
+    raw_status: str
+    raw_body: bytes
+    received_at: datetime
+    redelivery_of: int | None
+
+
+_BULK_READ = """
+    SELECT mode, order_id, upc, version, position, transaction_id, event_type,
+           schema_version, raw_status, raw_body, received_at, redelivery_of
+    FROM events
+    WHERE (mode, order_id, upc, version) > ($1, $2, $3, $4)
+      AND (transaction_id, position) <= ($5::text::xid8, $6)
+    ORDER BY mode, order_id, upc, version
+    LIMIT $7
+"""
+
+# A version past any real one: resuming after a stream skips all of it.
+_WHOLE_STREAM = 2**31 - 1
+
+
+async def _bulk(
+    connection: Connection,
+    record: ProjectionVersion,
+    projection: ItemProjection,
+    batch_size: int,
+    on_batch: Callable[[Batch], None] | None,
+) -> FoldFailure | None:
+    horizon = record.bulk_horizon
+    after = (
+        (*record.bulk_after, _WHOLE_STREAM) if record.bulk_after else ("", "", "", 0)
+    )
+    # The stream the last batch ended in may go on in the next one; its item
+    # waits here, unwritten, until the stream is complete.
+    open_stream: tuple[str, str, str] | None = None
+    open_events: list[_Bulk] = []
+    while True:
+        started = time.perf_counter()
+        rows = await connection.fetch(
+            _BULK_READ,
+            *after,
+            str(horizon.transaction_id),
+            horizon.position,
+            batch_size,
+        )
+        events = [_Bulk(*row) for row in rows]
+        complete: list[list[_Bulk]] = []
+        for event in events:
+            stream = (event.mode, event.order_id, event.upc)
+            if stream != open_stream:
+                if open_events:
+                    complete.append(open_events)
+                open_stream, open_events = stream, []
+            open_events.append(event)
+        if len(events) < batch_size and open_events:
+            complete.append(open_events)
+            open_events = []
+        failure = await _write_streams(connection, record, projection, complete)
+        if failure is not None:
+            return failure
+        if events:
+            last = events[-1]
+            after = (last.mode, last.order_id, last.upc, last.version)
+        if on_batch is not None and events:
+            on_batch(
+                Batch(
+                    len(events),
+                    Cursor(0, events[-1].position),
+                    seconds=time.perf_counter() - started,
+                )
+            )
+        if len(events) < batch_size:
+            break
+    await connection.execute(
+        "UPDATE projections SET bulk_done = true, checkpoint_xid = $3::text::xid8, "
+        "checkpoint_position = $4, updated_at = now() "
+        "WHERE name = $1 AND version = $2",
+        record.name,
+        record.version,
+        str(horizon.transaction_id),
+        horizon.position,
+    )
+    return None
+
+
+async def _write_streams(
+    connection: Connection,
+    record: ProjectionVersion,
+    projection: ItemProjection,
+    streams: list[list[_Bulk]],
+) -> FoldFailure | None:
+    views = []
+    for events in streams:
+        try:
+            item = projection.fold(None, events)
+        except Exception as error:  # noqa: BLE001 - projection code is fallible
+            return await _stop_on(connection, record, projection, events, error)
+        assert item is not None
+        views.append(ItemView.of(item))
+    if not views:
+        return None
+    last = views[-1]
+    async with connection.transaction():
+        await connection.copy_records_to_table(
+            record.table_name,
+            records=[tuple(getattr(v, c) for c in VIEW_COLUMNS) for v in views],
+            columns=list(VIEW_COLUMNS),
+        )
+        await connection.execute(
+            "UPDATE projections SET bulk_after = $3, events_applied = events_applied "
+            "+ $4, updated_at = now() WHERE name = $1 AND version = $2",
+            record.name,
+            record.version,
+            [last.mode, last.order_id, last.upc],
+            sum(len(events) for events in streams),
+        )
+    return None
+
+
+async def _stop_on(
+    connection: Connection,
+    record: ProjectionVersion,
+    projection: ItemProjection,
+    events: list[_Bulk],
+    error: Exception,
+) -> FoldFailure:
+    poison = projection.failing_event(None, events)
+    recorded = await projection.store.read_stream(
+        connection,
+        StreamKey(poison.mode, poison.order_id, poison.upc),
+        after_version=poison.version - 1,
+    )
+    await catalogue.record_failure(
+        connection, record.name, record.version, poison.position, repr(error)
+    )
+    log.error(
+        "projection.failed",
+        projection=record.name,
+        version=record.version,
+        position=poison.position,
+        order_id=poison.order_id,
+        upc=poison.upc,
+        error=repr(error),
+    )
+    return FoldFailure(recorded[0], repr(error))
 
 
 async def prepare(connection: Connection, record: ProjectionVersion) -> None:
