@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck schemas bench clean
+.PHONY: run test test-fast lint typecheck schemas bench bench-audit clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,9 @@ schemas: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m ordertrail.bench.ingest
+
+bench-audit: $(STAMP)
+	$(BIN)/python -m ordertrail.bench.audit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
