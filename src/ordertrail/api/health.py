@@ -34,7 +34,11 @@ async def live() -> Health:
     tags=["health"],
     summary="The service can take webhooks",
     responses={
-        503: ResponseSpec(Health, description="Database unreachable or schema behind")
+        503: ResponseSpec(
+            Health,
+            description="Database unreachable or schema behind",
+            generate_examples=False,
+        )
     },
 )
 async def ready(request: Request[Any, Any, Any]) -> Response[Health]:
