@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from ordertrail.audit.verify_export import verify_export
+from ordertrail.db.connection import connect
+from ordertrail.eventstore.store import EventStore
 from tests.integration.helpers import post_webhook
-from tests.support import bearer, webhook_body
+from tests.support import bearer, delivery, webhook_body
 
 UPCS = ("601842495575", "601842495582")
 
@@ -279,3 +282,24 @@ async def test_the_export_command_writes_to_standard_output(
     assert code == 0
     assert [event["position"] for event in events] == [sent[0][0]]
     assert summary["count"] == 1
+
+
+async def test_an_export_waits_for_appends_in_flight_then_gives_up(
+    client: AsyncTestClient[Litestar],
+    auditor_key: str,
+    database_url: str,
+    order_id: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("ordertrail.api.audit._SETTLE_WITHIN", 0.2)
+    writer = await connect(database_url)
+    try:
+        async with writer.transaction():
+            await EventStore().append(writer, [delivery(order_id)])
+            answer = await client.get("/v1/export", headers=bearer(auditor_key))
+    finally:
+        await writer.close()
+
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"] == "1"
+    assert answer.json()["type"] == "urn:ordertrail:problem:log-not-settled"

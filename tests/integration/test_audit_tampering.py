@@ -17,7 +17,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import asyncpg
+import msgspec
 import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
 from ordertrail.audit.chains import Finding, FindingKind
 from ordertrail.audit.checkpoints import Checkpoint, record_checkpoint
@@ -25,7 +28,7 @@ from ordertrail.audit.digest import AuditKey
 from ordertrail.audit.verify import VerifyReport, verify_log
 from ordertrail.eventstore.hashing import canonical, chain_hash
 from ordertrail.eventstore.store import EventStore
-from tests.support import delivery
+from tests.support import bearer, delivery
 
 KEY_TEXT = "audit-tests-key-0123456789abcdef0123456789"
 KEY = AuditKey(KEY_TEXT)
@@ -421,3 +424,54 @@ async def test_the_command_exits_zero_for_a_clean_order(
     assert code == 0, out
     assert "8 events in 2 streams" in out
     assert out.rstrip().endswith("clean")
+
+
+async def test_a_past_state_of_a_broken_stream_says_the_log_is_not_intact(
+    pool: asyncpg.Pool,
+    client: AsyncTestClient[Litestar],
+    reader_key: str,
+    order_id: str,
+) -> None:
+    await build(pool, order_id)
+    async with tampering(pool) as connection:
+        await connection.execute(
+            "DELETE FROM events WHERE order_id = $1 AND upc = $2 AND version = 2",
+            order_id,
+            UPCS[0],
+        )
+
+    answer = await client.get(
+        f"/v1/orders/{order_id}",
+        headers=bearer(reader_key),
+        params={"as_of": str(2**62)},
+    )
+
+    assert answer.status_code == 500
+    assert answer.json()["type"] == "urn:ordertrail:problem:history-inconsistent"
+    assert "audit verify" in answer.json()["detail"]
+
+
+async def test_a_replay_shows_where_a_broken_stream_breaks(
+    pool: asyncpg.Pool, database_url: str, order_id: str
+) -> None:
+    await build(pool, order_id)
+    async with tampering(pool) as connection:
+        await connection.execute(
+            "DELETE FROM events WHERE order_id = $1 AND upc = $2 AND version = 2",
+            order_id,
+            UPCS[0],
+        )
+
+    code, out, _ = await run_cli(
+        database_url, "replay", order_id, "--upc", UPCS[0], "--json"
+    )
+    rows = [msgspec.json.decode(line) for line in out.splitlines()]
+
+    assert code == 0
+    assert [(row["version"], row["refused"]) for row in rows] == [
+        (1, None),
+        (3, "version 3 where 2 was due"),
+        (4, "version 4 where 2 was due"),
+    ]
+    assert rows[1]["tampering"] == ["version_gap"]
+    assert rows[2]["state"] == "ordered"

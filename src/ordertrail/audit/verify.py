@@ -81,7 +81,9 @@ class _Findings:
             self.report.omitted += 1
             return
         self.report.findings.append(finding)
-        log.warning(
+        # Each one at info: the summary below is the warning, and a command
+        # line that prints every finding should not print it twice.
+        log.info(
             "audit.tampering_found",
             kind=finding.kind.value,
             mode=finding.mode,
