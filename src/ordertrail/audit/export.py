@@ -28,7 +28,10 @@ twice gives the same lines; ``to_position`` says which bound was used.
 
 Everything is read in one repeatable-read, read-only transaction through a
 server-side cursor, and written in chunks: memory stays flat however long
-the log.
+the log. The transaction waits while the reader does not read, and the
+server ends a transaction idle for a minute (the service's connections set
+``idle_in_transaction_session_timeout``): a client that stalls that long gets
+a file without its summary line, which says it is incomplete.
 """
 
 from __future__ import annotations
