@@ -2,9 +2,11 @@
 
 Each test builds an order of its own, changes the table as a superuser would
 (with the append-only triggers off for one transaction only), and checks
-that verification names exactly what was done. The test database is shared
-by the whole suite, so verification is narrowed to the test's order; the
-checkpoints recorded here sign every stream, which is harmless to others.
+that verification names exactly what was done, narrowed to the test's order.
+
+The damage is done in a database this module makes for itself, not in the
+one the suite shares: a rebuild of the projections replays the whole log,
+and would trip over the broken streams left behind here.
 """
 
 from __future__ import annotations
@@ -19,22 +21,46 @@ from dataclasses import dataclass
 import asyncpg
 import msgspec
 import pytest
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
 
 from ordertrail.audit.chains import Finding, FindingKind
 from ordertrail.audit.checkpoints import Checkpoint, record_checkpoint
 from ordertrail.audit.digest import AuditKey
 from ordertrail.audit.verify import VerifyReport, verify_log
+from ordertrail.auth.credentials import CredentialKind, Role
+from ordertrail.db.connection import connect, create_pool
+from ordertrail.db.migrate import apply_migrations
 from ordertrail.eventstore.hashing import canonical, chain_hash
 from ordertrail.eventstore.store import EventStore
-from tests.support import bearer, delivery
+from tests.integration.api_support import issue, running_app
+from tests.support import bearer, delivery, with_database
 
 KEY_TEXT = "audit-tests-key-0123456789abcdef0123456789"
 KEY = AuditKey(KEY_TEXT)
 STORE = EventStore()
 UPCS = ("601842495575", "601842495582")
 STATUSES = ("ordered", "confirmed", "ready for pickup", "picked up")
+
+
+@pytest.fixture(scope="module")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """This module's own migrated database (shadows the shared one)."""
+    async with with_database(server_url) as url:
+        connection = await connect(url)
+        try:
+            await apply_migrations(connection)
+        finally:
+            await connection.close()
+        yield url
+
+
+@pytest.fixture(scope="module")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this module's database (shadows the shared one)."""
+    opened = await create_pool(database_url, min_size=1, max_size=4)
+    try:
+        yield opened
+    finally:
+        await opened.close()
 
 
 @dataclass(frozen=True)
@@ -427,10 +453,7 @@ async def test_the_command_exits_zero_for_a_clean_order(
 
 
 async def test_a_past_state_of_a_broken_stream_says_the_log_is_not_intact(
-    pool: asyncpg.Pool,
-    client: AsyncTestClient[Litestar],
-    reader_key: str,
-    order_id: str,
+    pool: asyncpg.Pool, database_url: str, order_id: str
 ) -> None:
     await build(pool, order_id)
     async with tampering(pool) as connection:
@@ -440,11 +463,13 @@ async def test_a_past_state_of_a_broken_stream_says_the_log_is_not_intact(
             UPCS[0],
         )
 
-    answer = await client.get(
-        f"/v1/orders/{order_id}",
-        headers=bearer(reader_key),
-        params={"as_of": str(2**62)},
-    )
+    async with running_app(database_url) as client:
+        reader = await issue(client, pool, CredentialKind.API_KEY, role=Role.READER)
+        answer = await client.get(
+            f"/v1/orders/{order_id}",
+            headers=bearer(reader.secret),
+            params={"as_of": str(2**62)},
+        )
 
     assert answer.status_code == 500
     assert answer.json()["type"] == "urn:ordertrail:problem:history-inconsistent"
