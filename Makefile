@@ -7,7 +7,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck schemas bench bench-audit clean
+.PHONY: run test test-fast lint typecheck schemas bench bench-read bench-rebuild \
+	bench-audit clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,8 +36,19 @@ typecheck: $(STAMP)
 schemas: $(STAMP)
 	$(BIN)/ordertrail schemas write
 
+# `bench` runs the three benchmarks one after the other, then gathers their
+# headline figures into bench-results/summary.md.
 bench: $(STAMP)
 	$(BIN)/python -m ordertrail.bench.ingest
+	$(BIN)/python -m ordertrail.bench.read
+	$(BIN)/python -m ordertrail.bench.rebuild
+	$(BIN)/python -m ordertrail.bench.summary
+
+bench-read: $(STAMP)
+	$(BIN)/python -m ordertrail.bench.read
+
+bench-rebuild: $(STAMP)
+	$(BIN)/python -m ordertrail.bench.rebuild
 
 bench-audit: $(STAMP)
 	$(BIN)/python -m ordertrail.bench.audit

@@ -9,6 +9,11 @@ difference between the two is ordertrail's own work, not pool overhead.
 ``POST /http-only`` reads the body and answers 202 without touching the
 database: the ceiling of litestar and granian alone on this machine.
 
+For the read benchmark, ``GET /items/{order_id}/{upc}`` answers one item row
+read by its primary key, and ``GET /changes`` one page of the change feed's
+query, each returned as the database gave it: no API key, no conversion into
+the view's type, no ETag. They read the served item view, like ordertrail.
+
 Served by the benchmark with ``granian --factory
 ordertrail.bench.baseline:create_app``; the database comes from
 ``ORDERTRAIL_DATABASE_URL``.
@@ -22,9 +27,11 @@ from typing import Any
 
 import asyncpg
 from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import NotFoundException
 
 from ordertrail.db.connection import SERVER_SETTINGS
 from ordertrail.lib.settings import Settings
+from ordertrail.projections.items import VIEW_COLUMNS
 
 __all__ = ["BASELINE_TABLE", "create_app"]
 
@@ -39,6 +46,21 @@ _CREATE_TABLE = f"""
 """
 
 _INSERT = f"INSERT INTO {BASELINE_TABLE} (raw_body) VALUES ($1)"
+
+# The same columns and conditions as ordertrail's own queries, so that the
+# comparison is between the handlers around them.
+_COLUMNS = ", ".join(VIEW_COLUMNS)
+_ITEM = (
+    f"SELECT {_COLUMNS} FROM item_view WHERE order_id = $1 AND mode = $2 AND upc = $3"
+)
+_PAGE = f"""
+    SELECT {_COLUMNS}, change_xid FROM item_view
+    WHERE mode = $1
+      AND (change_xid, position) > ($2::text::xid8, $3)
+      AND change_xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY change_xid, position
+    LIMIT $4
+"""
 
 
 async def _keep_session(_connection: asyncpg.Connection) -> None:
@@ -62,6 +84,35 @@ async def http_only(request: Request[Any, Any, Any]) -> Response[bytes]:
     """Read the body and answer 202 without touching the database."""
     await request.body()
     return Response(b"", status_code=202)
+
+
+@get("/items/{order_id:str}/{upc:str}")
+async def item_row(
+    request: Request[Any, Any, Any], order_id: str, upc: str
+) -> dict[str, Any]:
+    """Return one live item's row, read by its primary key."""
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as connection:
+        row = await connection.fetchrow(_ITEM, order_id, "live", upc)
+    if row is None:
+        raise NotFoundException
+    return dict(row.items())
+
+
+@get("/changes")
+async def change_page(
+    request: Request[Any, Any, Any], xid: int = 0, position: int = 0, limit: int = 100
+) -> dict[str, Any]:
+    """Return the live rows changed after ``(xid, position)``, in feed order."""
+    pool: asyncpg.Pool = request.app.state.pool
+    async with pool.acquire() as connection:
+        rows = await connection.fetch(_PAGE, "live", str(xid), position, limit)
+    last = (rows[-1]["change_xid"], rows[-1]["position"]) if rows else (xid, position)
+    return {
+        "changes": [dict(row.items()) for row in rows],
+        "next": list(last),
+        "more": len(rows) == limit,
+    }
 
 
 @get("/health/live")
@@ -96,7 +147,7 @@ def create_app() -> Litestar:
             await pool.close()
 
     return Litestar(
-        route_handlers=[insert_delivery, http_only, live],
+        route_handlers=[insert_delivery, http_only, item_row, change_page, live],
         lifespan=[lifespan],
         debug=False,
         logging_config=None,

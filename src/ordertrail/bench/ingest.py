@@ -29,6 +29,7 @@ from pathlib import Path
 
 import asyncpg
 
+from ordertrail.bench import summary
 from ordertrail.bench.baseline import BASELINE_TABLE
 from ordertrail.bench.database import (
     BenchDatabase,
@@ -44,6 +45,7 @@ from ordertrail.bench.machine import (
     CpuUsage,
     cpu_usage,
     describe_machine,
+    peak_memory,
     sample_cpu,
 )
 from ordertrail.bench.report import Check, Measurement, Report
@@ -117,6 +119,12 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=Path("bench-results/ingest.md"),
         help="where to write the markdown report (default bench-results/ingest.md)",
+    )
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        default=Path("bench-results/ingest.json"),
+        help="where to write the summary rows (default bench-results/ingest.json)",
     )
     options = parser.parse_args(argv)
     if options.seconds <= 0 or options.warmup < 0:
@@ -240,6 +248,10 @@ async def benchmark(options: argparse.Namespace) -> Report:
             subject=SUBJECT,
             checks=checks,
             commits=await count_transactions(database.url),
+            peak_rss={
+                SUBJECT: peak_memory(ordertrail.process.pid),
+                "baseline": peak_memory(baseline.process.pid),
+            },
         )
 
 
@@ -260,8 +272,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.text())
     options.markdown.parent.mkdir(parents=True, exist_ok=True)
     options.markdown.write_text(report.markdown())
+    machine = report.machine
+    summary.write(
+        options.summary,
+        "ingest",
+        f"{machine.cores} cores, {machine.cpu_model}",
+        summary_rows(report),
+    )
     print(f"\nmarkdown written to {options.markdown}")
     return 0 if report.passed else 1
+
+
+def summary_rows(report: Report) -> list[summary.SummaryRow]:
+    """Return the headline figures for the summary table."""
+    subject = next(m for m in report.measurements if m.target == report.subject)
+    rss = report.peak_rss.get(report.subject)
+    return [
+        summary.SummaryRow(
+            figure=f"{report.subject} webhooks accepted/s",
+            value=f"{subject.throughput:,.0f}",
+            ceiling=ratio.reference,
+            ceiling_value=f"{reference.throughput:,.0f}",
+            ratio=f"{ratio.throughput:.2f}",
+            peak_rss=summary.megabytes(rss) if rss else "",
+        )
+        for ratio, reference in zip(
+            report.ratios(),
+            (m for m in report.measurements if m is not subject),
+            strict=True,
+        )
+    ]
 
 
 if __name__ == "__main__":

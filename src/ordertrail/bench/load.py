@@ -5,6 +5,10 @@ for the whole response, and sends the next. Protocol callbacks instead of
 streams, and no HTTP library, keep the cost per request to a write, a read
 and a few slices, so that on a small machine the generator leaves the CPU to
 the server it measures. Its own CPU time is reported so a reader can check.
+
+Requests are pre-built bytes taken in turn, or, where each request depends on
+the answer before it (walking a paged listing by its cursors), come from a
+``Walk`` that each connection keeps for itself.
 """
 
 from __future__ import annotations
@@ -15,13 +19,28 @@ import contextlib
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-__all__ = ["LoadResult", "run_load"]
+__all__ = ["LoadResult", "Walk", "run_load"]
 
 _HEAD_END = b"\r\n\r\n"
 _CONTENT_LENGTH = b"\r\ncontent-length:"
+# Answers that never have a body, whatever their headers say (RFC 9112 6.3).
+_BODILESS = frozenset({204, 304})
+
+
+class Walk(Protocol):
+    """The requests of one connection when each depends on the answer before."""
+
+    def first(self) -> bytes:
+        """Return the request to send on a fresh connection."""
+        ...
+
+    def next(self, status: int, body: bytes) -> bytes:
+        """Return the request to send after an answer with ``status`` and ``body``."""
+        ...
 
 
 class _FramingError(Exception):
@@ -35,9 +54,9 @@ class LoadResult:
     window: float
     """Seconds between the end of the warm-up and the end of the run."""
     accepted: int
-    """2xx responses completed inside the window."""
+    """Accepted responses (2xx unless told otherwise) completed inside the window."""
     rejected: Counter[int]
-    """Non-2xx responses completed inside the window, by status."""
+    """Other responses completed inside the window, by status."""
     failures: int
     """Requests inside the window lost to a dropped connection or bad framing."""
     latencies_ns: array.array[int]
@@ -45,13 +64,13 @@ class LoadResult:
     client_cpu: float
     """CPU seconds this process spent inside the window."""
     total_accepted: int
-    """2xx responses over the whole run: warm-up, window and drain."""
+    """Accepted responses over the whole run: warm-up, window and drain."""
     unanswered: int
     """Requests sent but never answered over the whole run; they may be stored."""
 
     @property
     def errors(self) -> int:
-        """Non-2xx responses and failed requests inside the window."""
+        """Responses not accepted and failed requests inside the window."""
         return sum(self.rejected.values()) + self.failures
 
     @property
@@ -65,6 +84,8 @@ class _Run:
     """The state all connections of one run share; one event loop, so no locks."""
 
     requests: Sequence[bytes]
+    accept: Collection[int] | None = None
+    """Statuses that count as accepted; ``None`` counts every 2xx."""
     next_index: int = 0
     recording: bool = False
     stopping: bool = False
@@ -88,7 +109,8 @@ class _Run:
 
     def answered(self, status: int, latency_ns: int) -> None:
         self.in_flight -= 1
-        if 200 <= status < 300:
+        accept = self.accept
+        if (200 <= status < 300) if accept is None else (status in accept):
             self.total_accepted += 1
             if self.recording:
                 self.accepted += 1
@@ -112,9 +134,12 @@ class _Run:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection with at most one request in flight."""
 
-    def __init__(self, run: _Run, closed: asyncio.Future[None]) -> None:
+    def __init__(
+        self, run: _Run, closed: asyncio.Future[None], walk: Walk | None = None
+    ) -> None:
         self._run = run
         self._closed = closed
+        self._walk = walk
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
         self._sent_at = 0
@@ -123,17 +148,17 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        self.send_next()
+        self.send_next(self._walk.first() if self._walk is not None else None)
 
-    def send_next(self) -> None:
-        """Send the next request, unless the run is stopping."""
+    def send_next(self, request: bytes | None = None) -> None:
+        """Send ``request`` (by default the run's next), unless the run is stopping."""
         run = self._run
         if run.stopping or self._transport is None or self._transport.is_closing():
             return
         run.in_flight += 1
         self._waiting = True
         self._sent_at = time.perf_counter_ns()
-        self._transport.write(run.next_request())
+        self._transport.write(request if request is not None else run.next_request())
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -151,10 +176,14 @@ class _Connection(asyncio.Protocol):
             if len(buffer) < size:
                 return
             latency = time.perf_counter_ns() - self._sent_at
+            following = None
+            if self._walk is not None:
+                body = bytes(buffer[end + len(_HEAD_END) : size])
+                following = self._walk.next(status, body)
             del buffer[:size]
             self._waiting = False
             self._run.answered(status, latency)
-            self.send_next()
+            self.send_next(following)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._waiting:
@@ -173,6 +202,8 @@ def _parse_head(head: bytes) -> tuple[int, int]:
     if not head.startswith(b"HTTP/1.1 ") or len(head) < 12:
         raise _FramingError(head[:32])
     status = int(head[9:12])
+    if status in _BODILESS or status < 200:
+        return status, 0
     lowered = head.lower()
     start = lowered.find(_CONTENT_LENGTH)
     if start < 0:
@@ -185,7 +216,11 @@ def _parse_head(head: bytes) -> tuple[int, int]:
 
 
 async def _keep_connected(
-    host: str, port: int, run: _Run, reconnect_delay: float = 0.05
+    host: str,
+    port: int,
+    run: _Run,
+    walk: Walk | None = None,
+    reconnect_delay: float = 0.05,
 ) -> None:
     """Hold one connection open until the run stops, reopening it if dropped."""
     loop = asyncio.get_running_loop()
@@ -193,7 +228,7 @@ async def _keep_connected(
         closed: asyncio.Future[None] = loop.create_future()
         try:
             transport, _ = await loop.create_connection(
-                functools.partial(_Connection, run, closed), host, port
+                functools.partial(_Connection, run, closed, walk), host, port
             )
         except OSError:
             if run.recording:
@@ -217,6 +252,8 @@ async def run_load(
     drain_timeout: float = 30.0,
     on_window_open: Callable[[], None] | None = None,
     on_window_close: Callable[[], None] | None = None,
+    accept: Collection[int] | None = None,
+    walks: Callable[[int], Walk] | None = None,
 ) -> LoadResult:
     """Load ``host:port`` with ``requests`` in turn, over keep-alive connections.
 
@@ -224,9 +261,16 @@ async def run_load(
     then no new request is sent and those in flight are awaited, so that
     every request the server took is answered before the run returns. The
     callbacks run when the recorded window opens and closes.
+
+    ``accept`` names the statuses that count as accepted (by default every
+    2xx). With ``walks``, connection ``k`` takes its requests from
+    ``walks(k)`` instead of from ``requests``, which may then be empty.
     """
+    if walks is None and not requests:
+        msg = "run_load needs requests or walks"
+        raise ValueError(msg)
     loop = asyncio.get_running_loop()
-    run = _Run(requests)
+    run = _Run(requests, accept)
     closed = asyncio.Event()
 
     def open_window() -> None:
@@ -248,8 +292,10 @@ async def run_load(
         closed.set()
 
     holders = [
-        asyncio.create_task(_keep_connected(host, port, run))
-        for _ in range(connections)
+        asyncio.create_task(
+            _keep_connected(host, port, run, walks(k) if walks is not None else None)
+        )
+        for k in range(connections)
     ]
     loop.call_later(warmup, open_window)
     loop.call_later(warmup + seconds, close_window)

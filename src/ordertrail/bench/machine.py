@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["CpuSample", "CpuUsage", "Machine", "describe_machine", "sample_cpu"]
+__all__ = [
+    "CpuSample",
+    "CpuUsage",
+    "Machine",
+    "describe_machine",
+    "memory_of",
+    "peak_memory",
+    "sample_cpu",
+]
 
 _PROC = Path("/proc")
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -45,6 +53,45 @@ def describe_machine(postgresql: str) -> Machine:
         litestar=_version("litestar"),
         asyncpg=_version("asyncpg"),
     )
+
+
+def peak_memory(pid: int) -> int:
+    """Return the peak resident memory of ``pid`` and its descendants, in bytes.
+
+    Each process's own peak (``VmHWM``) is added up. Peaks reached at
+    different moments can overstate the tree's peak a little; for a server
+    whose workers all hold their memory to the end, the sum is what it used.
+    """
+    return sum(_status_kilobytes(p, "VmHWM") for p in _tree(pid)) * 1024
+
+
+def memory_of(pid: int) -> int:
+    """Return the resident memory of ``pid`` and its descendants now, in bytes."""
+    return sum(_status_kilobytes(p, "VmRSS") for p in _tree(pid)) * 1024
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (parent, _, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(children.get(current, ()))
+    return found
+
+
+def _status_kilobytes(pid: int, field: str) -> int:
+    try:
+        text = (_PROC / str(pid) / "status").read_text()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0])
+    return 0
 
 
 def _cpu_model() -> str:

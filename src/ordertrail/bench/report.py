@@ -1,17 +1,33 @@
-"""Figures of a benchmark run, pooled per target, as text and as markdown."""
+"""Figures of a benchmark run, pooled per target, as text and as markdown.
+
+``Report`` is the ingest benchmark's; the table of measurements, its legend
+and the text and markdown helpers serve the other benchmarks too.
+"""
 
 from __future__ import annotations
 
 import array
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from ordertrail.bench.load import LoadResult
 from ordertrail.bench.machine import CpuUsage, Machine
 
-__all__ = ["Check", "Measurement", "Report", "percentile"]
+__all__ = [
+    "MEASUREMENT_COLUMNS",
+    "MEASUREMENT_LEGEND",
+    "Check",
+    "Measurement",
+    "Report",
+    "aligned",
+    "machine_lines",
+    "markdown_row",
+    "markdown_table",
+    "measurement_rows",
+    "percentile",
+]
 
 
 def percentile(ordered: Sequence[int], fraction: float) -> int:
@@ -132,6 +148,8 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     commits: int = 0
     """Transactions that appended the subject's events (0: not counted)."""
+    peak_rss: dict[str, int] = field(default_factory=dict)
+    """Peak resident memory of each server's process tree, in bytes."""
 
     @property
     def passed(self) -> bool:
@@ -154,15 +172,9 @@ class Report:
         ]
 
     def _header(self) -> list[tuple[str, str]]:
-        m = self.machine
         rounds = f", {self.rounds} rounds interleaved" if self.rounds > 1 else ""
         return [
-            ("machine", f"{m.cores} cores (nproc), {m.cpu_model}"),
-            (
-                "software",
-                f"Python {m.python}, PostgreSQL {m.postgresql}, granian {m.granian}, "
-                f"litestar {m.litestar}, asyncpg {m.asyncpg}",
-            ),
+            *machine_lines(self.machine),
             ("servers", f"{self.server_command}, the same for every target"),
             ("apps", self.applications),
             ("database", self.database),
@@ -176,24 +188,7 @@ class Report:
         ]
 
     def _rows(self) -> list[list[str]]:
-        return [
-            [
-                m.target,
-                f"{m.throughput:,.0f}",
-                f"{m.p50_ms:.2f}",
-                f"{m.p99_ms:.2f}",
-                f"{m.errors:,}",
-                f"{m.server_us_per_request:,.0f}",
-                f"{m.cpu.server:.2f}",
-                f"{m.cpu.loop:.0%}",
-                f"{m.cpu.loop_waiting:.0%}",
-                f"{m.cpu.postgres:.2f}",
-                f"{m.client_cores:.2f}",
-                f"{m.cpu.machine:.2f}",
-                f"{m.cpu.pressure:.0%}",
-            ]
-            for m in self.measurements
-        ]
+        return measurement_rows(self.measurements)
 
     def _notes(self) -> list[str]:
         notes = []
@@ -203,6 +198,11 @@ class Report:
                 f"group commit: {stored:,} events in {self.commits:,} transactions, "
                 f"{stored / self.commits:.1f} deliveries per commit on average"
             )
+        if self.peak_rss:
+            sizes = ", ".join(
+                f"{name} {size / 1e6:,.0f} MB" for name, size in self.peak_rss.items()
+            )
+            notes.append(f"peak RSS of the server process trees: {sizes}")
         for m in self.measurements:
             if m.rejected:
                 statuses = ", ".join(
@@ -221,7 +221,7 @@ class Report:
         """Return the report as aligned plain text."""
         lines = ["ordertrail ingest benchmark", ""]
         lines += [f"  {name:<9} {value}" for name, value in self._header()]
-        lines += ["", *_aligned([_COLUMNS, *self._rows()]), ""]
+        lines += ["", *aligned([_COLUMNS, *self._rows()]), ""]
         lines.append(_LEGEND)
         lines += ["", f"ratios ({_RATIO_LEGEND})"]
         for ratio in self.ratios():
@@ -240,15 +240,13 @@ class Report:
         """Return the report as markdown."""
         lines = ["# ordertrail ingest benchmark", ""]
         lines += [f"- **{name}**: {value}" for name, value in self._header()]
-        lines += ["", _markdown_row(_COLUMNS)]
-        lines.append(_markdown_row(["---"] + ["--:"] * (len(_COLUMNS) - 1)))
-        lines += [_markdown_row(row) for row in self._rows()]
+        lines += ["", *markdown_table([_COLUMNS, *self._rows()])]
         lines += ["", _LEGEND, "", "## Ratios", "", _RATIO_LEGEND, ""]
-        lines.append(_markdown_row(["ratio", "throughput", "p99"]))
-        lines.append(_markdown_row(["---", "--:", "--:"]))
+        lines.append(markdown_row(["ratio", "throughput", "p99"]))
+        lines.append(markdown_row(["---", "--:", "--:"]))
         for ratio in self.ratios():
             lines.append(
-                _markdown_row(
+                markdown_row(
                     [
                         f"{self.subject} / {ratio.reference}",
                         f"{ratio.throughput:.2f}",
@@ -264,7 +262,7 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
-_COLUMNS = [
+MEASUREMENT_COLUMNS = [
     "target",
     "accepted/s",
     "p50 ms",
@@ -280,7 +278,7 @@ _COLUMNS = [
     "pressure",
 ]
 
-_LEGEND = "\n".join(
+MEASUREMENT_LEGEND = "\n".join(
     [
         "accepted/s: 2xx answers per second. p50, p99: send-to-response latency of "
         "2xx answers.",
@@ -300,6 +298,9 @@ _LEGEND = "\n".join(
     ]
 )
 
+_COLUMNS = MEASUREMENT_COLUMNS
+_LEGEND = MEASUREMENT_LEGEND
+
 # Past half a core, on a two-core machine, the generator competes with the
 # server for CPU enough to move the figures.
 _CLIENT_CORES_WARNING = 0.5
@@ -311,18 +312,70 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 
 
-def _aligned(rows: list[list[str]]) -> list[str]:
+def machine_lines(machine: Machine) -> list[tuple[str, str]]:
+    """Return the machine and software a run measured, as (name, value) lines."""
+    return [
+        ("machine", f"{machine.cores} cores (nproc), {machine.cpu_model}"),
+        (
+            "software",
+            f"Python {machine.python}, PostgreSQL {machine.postgresql}, "
+            f"granian {machine.granian}, litestar {machine.litestar}, "
+            f"asyncpg {machine.asyncpg}",
+        ),
+    ]
+
+
+def measurement_rows(measurements: Sequence[Measurement]) -> list[list[str]]:
+    """Return one table row per measurement, under ``MEASUREMENT_COLUMNS``."""
+    return [
+        [
+            m.target,
+            f"{m.throughput:,.0f}",
+            f"{m.p50_ms:.2f}",
+            f"{m.p99_ms:.2f}",
+            f"{m.errors:,}",
+            f"{m.server_us_per_request:,.0f}",
+            f"{m.cpu.server:.2f}",
+            f"{m.cpu.loop:.0%}",
+            f"{m.cpu.loop_waiting:.0%}",
+            f"{m.cpu.postgres:.2f}",
+            f"{m.client_cores:.2f}",
+            f"{m.cpu.machine:.2f}",
+            f"{m.cpu.pressure:.0%}",
+        ]
+        for m in measurements
+    ]
+
+
+def markdown_table(
+    rows: Sequence[Sequence[str]], left: Collection[int] = (0,)
+) -> list[str]:
+    """Return a markdown table headed by the first row.
+
+    Columns numbered in ``left`` (text) align left, the others (figures) right.
+    """
+    header, *body = rows
+    return [
+        markdown_row(header),
+        markdown_row(["---" if i in left else "--:" for i in range(len(header))]),
+        *(markdown_row(row) for row in body),
+    ]
+
+
+def aligned(rows: Sequence[Sequence[str]], left: Collection[int] = (0,)) -> list[str]:
+    """Return rows as text columns; those numbered in ``left`` align left."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         "  ".join(
-            cell.ljust(width) if i == 0 else cell.rjust(width)
+            cell.ljust(width) if i in left else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
         for row in rows
     ]
 
 
-def _markdown_row(cells: Sequence[str]) -> str:
+def markdown_row(cells: Sequence[str]) -> str:
+    """Return one markdown table row."""
     return "| " + " | ".join(cells) + " |"
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -65,11 +65,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(name: str, target: str, environment: Mapping[str, str]) -> Iterator[Server]:
-    """Start granian serving the factory ``target``; stop it on exit."""
+def serve(
+    name: str,
+    target: str,
+    environment: Mapping[str, str],
+    options: Sequence[str] = (),
+) -> Iterator[Server]:
+    """Start granian serving the factory ``target``; stop it on exit.
+
+    ``options`` go to granian after ``GRANIAN_OPTIONS``; give every server of
+    one comparison the same ones.
+    """
     port = free_port()
     command = [
-        sys.executable, "-m", "granian", *GRANIAN_OPTIONS,
+        sys.executable, "-m", "granian", *GRANIAN_OPTIONS, *options,
         "--host", HOST, "--port", str(port), target,
     ]  # fmt: skip
     with tempfile.NamedTemporaryFile(prefix=f"ordertrail-bench-{name}-") as log:
