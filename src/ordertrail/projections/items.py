@@ -97,7 +97,7 @@ class ItemView(msgspec.Struct, frozen=True, kw_only=True):
             last_event_at=item.modified_on,
             version=item.version,
             position=item.position,
-            unrecognized_statuses=item.unrecognized_statuses,
+            unrecognized_statuses=dict(item.unrecognized_statuses),
             anomalies=[msgspec.convert(a, Anomaly) for a in item.anomalies],
         )
 
