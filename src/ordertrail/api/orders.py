@@ -115,7 +115,7 @@ class OrdersController(Controller):
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             rows = await connection.fetch(
-                f"SELECT {_ITEM_COLUMNS} FROM item_view "
+                f"SELECT {_ITEM_COLUMNS}, change_xid FROM item_view "
                 "WHERE order_id = $1 AND mode = $2",
                 order_id,
                 mode,
@@ -127,10 +127,11 @@ class OrdersController(Controller):
                 "No such order",
                 f"no {mode} events for order {order_id!r}",
             )
-        # An order changes only when one of its items takes a new event, and
-        # positions only grow, so the highest one identifies its state.
-        latest = max(row["position"] for row in rows)
-        etag = f'"{services.projection.tag}.{latest}.{len(rows)}"'
+        # Every change to an item row (an event, or a rebuild that reads it
+        # differently) stamps the row with its transaction, so the newest
+        # stamp and the item count identify the order's state.
+        latest = max(row["change_xid"] for row in rows)
+        etag = f'"o{latest}.{len(rows)}"'
         if fresh(request, etag):
             return not_modified(etag)
         view = roll_up([_item(row) for row in rows])
@@ -161,7 +162,7 @@ class OrdersController(Controller):
         services: Services = request.app.state.services
         async with services.pool.acquire() as connection:
             row = await connection.fetchrow(
-                f"SELECT {_ITEM_COLUMNS} FROM item_view "
+                f"SELECT {_ITEM_COLUMNS}, change_xid FROM item_view "
                 "WHERE order_id = $1 AND mode = $2 AND upc = $3",
                 order_id,
                 mode,
@@ -174,7 +175,7 @@ class OrdersController(Controller):
                 "No such item",
                 f"no {mode} events for UPC {upc!r} in order {order_id!r}",
             )
-        etag = f'"{services.projection.tag}.{row["version"]}"'
+        etag = f'"i{row["change_xid"]}.{row["version"]}"'
         if fresh(request, etag):
             return not_modified(etag)
         return Response(_item(row), headers=validators(etag))

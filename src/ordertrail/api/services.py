@@ -135,7 +135,9 @@ async def _start(services: Services) -> None:
         CREDENTIALS_CHANNEL, lambda _p: services.credentials.invalidate()
     )
     services.listener.subscribe(EVENTS_CHANNEL, services.appended.notice)
-    services.listener.subscribe(PROJECTIONS_CHANNEL, services.served.invalidate)
+    services.listener.subscribe(
+        PROJECTIONS_CHANNEL, lambda _payload: _follow_served(services)
+    )
     services.listener.subscribe(
         PROJECTIONS_CHANNEL, services.projections_changed.notice
     )
@@ -165,6 +167,32 @@ async def _stop(services: Services) -> None:
     with contextlib.suppress(Exception):
         await services.credentials.record_use()
     log.info("service.stopped")
+
+
+_refreshing: set[asyncio.Task[None]] = set()
+
+
+def _follow_served(services: Services) -> None:
+    # A swap or a skip changed the catalogue: the next append reloads in its
+    # own transaction anyway, but reads (entity tags, past states) should not
+    # wait for an append to see the new version.
+    services.served.invalidate()
+    task = asyncio.get_running_loop().create_task(_refresh_served(services))
+    _refreshing.add(task)
+    task.add_done_callback(_refreshing.discard)
+
+
+async def _refresh_served(services: Services) -> None:
+    try:
+        async with services.pool.acquire() as connection:
+            await services.served.refresh(connection)
+    except (
+        OSError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        LookupError,
+    ) as error:
+        log.warning("projection.reload_failed", error=str(error))
 
 
 async def _load_served(services: Services) -> None:

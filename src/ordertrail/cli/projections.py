@@ -95,12 +95,17 @@ class _Position(ProgressColumn):
     help="Build and compare with the served version, but do not swap.",
 )
 @click.option(
+    "--fresh",
+    is_flag=True,
+    help="Start over instead of resuming an interrupted build (after a code change).",
+)
+@click.option(
     "--batch-size",
     default=5000,
     show_default=True,
     help="Events applied per transaction.",
 )
-def rebuild_command(name: str, dry_run: bool, batch_size: int) -> None:
+def rebuild_command(name: str, dry_run: bool, fresh: bool, batch_size: int) -> None:
     """Build a new version from the log while the current one serves, then swap.
 
     The new version uses the configured vocabulary (ORDERTRAIL_VOCABULARY_FILE
@@ -116,7 +121,7 @@ def rebuild_command(name: str, dry_run: bool, batch_size: int) -> None:
             await rebuild.rebuild_lock(connection, name)
         except rebuild.RebuildBusy as busy:
             raise click.ClickException(str(busy)) from None
-        record = await rebuild.begin(connection, vocabulary, name)
+        record = await rebuild.begin(connection, vocabulary, name, fresh=fresh)
         console.print(
             f"building {name} version {record.version} into {record.table_name} "
             f"with {vocabulary.source}"
@@ -140,8 +145,8 @@ def rebuild_command(name: str, dry_run: bool, batch_size: int) -> None:
             console.print_json(msgspec.json.encode(sample).decode())
         if dry_run:
             console.print(
-                "dry run: not swapped. The built version stays and a later "
-                "rebuild with the same vocabulary resumes it."
+                "dry run: not swapped. The next rebuild starts afresh, with the "
+                "code and vocabulary of its own time."
             )
             return 0
         swapped = await rebuild.swap(connection, record, store)

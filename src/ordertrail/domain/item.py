@@ -218,17 +218,20 @@ class Item(Aggregate):
         self._refine_fulfilment(meaning.fulfilment)
         self._step(meaning.transition, report)
 
-    def pass_over(self, report: Item.StatusReported) -> None:
+    def pass_over(
+        self, *, version: int, position: int, received_at: datetime, raw_status: str
+    ) -> None:
         """Count a report an operator chose to leave out of the lifecycle.
 
         The item's version moves past it, so later reports still apply, and
-        the skip stays visible as an anomaly.
+        the skip stays visible as an anomaly. The report is not read at all:
+        it may be the very one the code cannot read.
         """
-        self.version = report.originator_version
-        self.modified_on = report.timestamp
-        self.position = report.position
+        self.version = version
+        self.modified_on = received_at
+        self.position = position
         self.event_count += 1
-        self._flag(Anomaly.SKIPPED, report)
+        self._note(Anomaly.SKIPPED, position, version, raw_status, None)
 
     def _refine_fulfilment(self, hint: Fulfilment | None) -> None:
         if hint is None or self.fulfilment not in _REFINABLE:
@@ -276,13 +279,29 @@ class Item(Aggregate):
 
     def _flag(self, kind: Anomaly, report: Item.StatusReported) -> None:
         meaning = report.meaning
+        self._note(
+            kind,
+            report.position,
+            report.originator_version,
+            report.raw_status,
+            meaning.transition.value if meaning else None,
+        )
+
+    def _note(
+        self,
+        kind: Anomaly,
+        position: int,
+        version: int,
+        raw_status: str,
+        transition: str | None,
+    ) -> None:
         self.anomalies.append(
             {
                 "kind": kind.value,
-                "position": report.position,
-                "version": report.originator_version,
-                "raw_status": report.raw_status,
-                "transition": meaning.transition.value if meaning else None,
+                "position": position,
+                "version": version,
+                "raw_status": raw_status,
+                "transition": transition,
                 "state": self.state.value,
             }
         )

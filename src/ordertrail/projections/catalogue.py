@@ -70,6 +70,7 @@ class ProjectionVersion(msgspec.Struct, frozen=True, kw_only=True):
     bulk_after: list[str] | None
     """The last stream (mode, order_id, upc) the bulk phase wrote."""
     bulk_done: bool
+    prepared_at: datetime | None
 
     @property
     def bulk_horizon(self) -> Cursor:

@@ -256,11 +256,18 @@ class ItemProjection:
                 )
             if event.version <= item.version:
                 continue
-            domain_event = to_domain_event(event, item.id)
             if event.position in self.skipped:
-                item.pass_over(domain_event)
-            else:
-                domain_event.interpreted(self.vocabulary).mutate(item)
+                # Not even converted: the event may be the one whose upcasting
+                # or reading fails.
+                item.pass_over(
+                    version=event.version,
+                    position=event.position,
+                    received_at=event.received_at,
+                    raw_status=event.raw_status,
+                )
+                continue
+            domain_event = to_domain_event(event, item.id)
+            domain_event.interpreted(self.vocabulary).mutate(item)
         return item
 
     async def apply(

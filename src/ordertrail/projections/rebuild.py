@@ -101,9 +101,18 @@ async def rebuild_lock(connection: Connection, name: str = PROJECTION_NAME) -> N
 
 
 async def begin(
-    connection: Connection, vocabulary: Vocabulary, name: str = PROJECTION_NAME
+    connection: Connection,
+    vocabulary: Vocabulary,
+    name: str = PROJECTION_NAME,
+    *,
+    fresh: bool = False,
 ) -> ProjectionVersion:
-    """Return the version to build: an unfinished one to resume, or a new one."""
+    """Return the version to build: an interrupted one to resume, or a new one.
+
+    Only a build that was interrupted is resumed, and only with the same
+    vocabulary. A build that was completed but not swapped in (a dry run) is
+    discarded: the code may have changed since. ``fresh`` discards any.
+    """
     async with connection.transaction():
         building = [
             v
@@ -111,14 +120,23 @@ async def begin(
             if v.state is ProjectionState.BUILDING
         ]
         for version in building:
-            if version.vocabulary_digest == vocabulary.digest:
+            resumable = (
+                not fresh
+                and version.prepared_at is None
+                and version.vocabulary_digest == vocabulary.digest
+            )
+            if resumable:
+                # Run again after a fix: the event it stopped on gets another try.
+                await catalogue.clear_failure(connection, name, version.version)
                 log.info(
                     "projection.rebuild_resumed",
                     projection=name,
                     version=version.version,
                     position=version.checkpoint_position,
                 )
-                return version
+                resumed = await catalogue.find(connection, name, version.version)
+                assert resumed is not None
+                return resumed
             await _discard(connection, version)
         number = await connection.fetchval(
             "SELECT coalesce(max(version), 0) + 1 FROM projections WHERE name = $1",
@@ -369,6 +387,11 @@ async def prepare(connection: Connection, record: ProjectionVersion) -> None:
     """Index the built table and mark, against the served one, what changed."""
     served = await catalogue.served(connection, record.name)
     await create_view_indexes(connection, record.table_name)
+    await connection.execute(
+        "UPDATE projections SET prepared_at = now() WHERE name = $1 AND version = $2",
+        record.name,
+        record.version,
+    )
     new, old = record.table_name, served.table_name
     async with connection.transaction():
         await connection.execute(
@@ -438,6 +461,10 @@ async def swap(
 ) -> ProjectionVersion:
     """Make a built version the served one, in one transaction."""
     name = record.name
+    current = await catalogue.find(connection, name, record.version)
+    if current is None or current.failed:
+        msg = f"{name} version {record.version} stopped on an event; it cannot serve"
+        raise RuntimeError(msg)
     projection = await projection_of(connection, record, store, Vocabulary.default())
     runner = ProjectionRunner(store, projection, name)
     async with connection.transaction():

@@ -51,6 +51,11 @@ class ServedProjection:
         """Reload before the next append (the catalogue announced a change)."""
         self._stale = True
 
+    async def refresh(self, connection: Connection) -> ItemProjection:
+        """Load whatever version is served now."""
+        record = await catalogue.served(connection, self._name)
+        return await self.load(connection, record.version)
+
     async def load(self, connection: Connection, version: int) -> ItemProjection:
         """Return the projection of ``version``, reading the catalogue if needed."""
         current = self._current
