@@ -272,11 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.text())
     options.markdown.parent.mkdir(parents=True, exist_ok=True)
     options.markdown.write_text(report.markdown())
-    machine = report.machine
     summary.write(
         options.summary,
         "ingest",
-        f"{machine.cores} cores, {machine.cpu_model}",
+        summary.describe(report.machine),
         summary_rows(report),
     )
     print(f"\nmarkdown written to {options.markdown}")

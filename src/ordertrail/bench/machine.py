@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import subprocess
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -40,6 +41,8 @@ class Machine:
     granian: str
     litestar: str
     asyncpg: str
+    code: str = "unknown"
+    """The commit measured, and whether the source differed from it."""
 
 
 def describe_machine(postgresql: str) -> Machine:
@@ -52,7 +55,30 @@ def describe_machine(postgresql: str) -> Machine:
         granian=_version("granian"),
         litestar=_version("litestar"),
         asyncpg=_version("asyncpg"),
+        code=_commit(),
     )
+
+
+def _commit() -> str:
+    # Figures belong to the code that produced them, and the code moves.
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = _git(root, "rev-parse", "--short", "HEAD")
+        changed = _git(root, "status", "--porcelain", "--untracked-files=no", "src")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head} with uncommitted changes in src" if changed else head
+
+
+def _git(root: Path, *arguments: str) -> str:
+    completed = subprocess.run(  # noqa: S603 - fixed arguments, no input
+        ["git", "-C", str(root), *arguments],  # noqa: S607 - git from PATH
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    )
+    return completed.stdout.strip()
 
 
 def peak_memory(pid: int) -> int:

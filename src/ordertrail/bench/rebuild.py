@@ -675,11 +675,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report.text())
     options.markdown.parent.mkdir(parents=True, exist_ok=True)
     options.markdown.write_text(report.markdown())
-    machine = report.machine
     summary.write(
         options.summary,
         "rebuild",
-        f"{machine.cores} cores, {machine.cpu_model}",
+        summary.describe(report.machine),
         report.summary_rows(),
     )
     print(f"\nmarkdown written to {options.markdown}")

@@ -322,6 +322,7 @@ def machine_lines(machine: Machine) -> list[tuple[str, str]]:
             f"granian {machine.granian}, litestar {machine.litestar}, "
             f"asyncpg {machine.asyncpg}",
         ),
+        ("code", f"ordertrail at commit {machine.code}"),
     ]
 
 

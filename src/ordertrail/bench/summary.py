@@ -18,9 +18,18 @@ from pathlib import Path
 
 import msgspec
 
+from ordertrail.bench.machine import Machine
 from ordertrail.bench.report import aligned, markdown_table
 
-__all__ = ["BENCHMARKS", "SummaryFile", "SummaryRow", "main", "megabytes", "write"]
+__all__ = [
+    "BENCHMARKS",
+    "SummaryFile",
+    "SummaryRow",
+    "describe",
+    "main",
+    "megabytes",
+    "write",
+]
 
 BENCHMARKS = ("ingest", "read", "rebuild")
 """The benchmarks ``make bench`` runs, in the order the summary lists them."""
@@ -65,6 +74,11 @@ class SummaryFile(msgspec.Struct, frozen=True, kw_only=True):
 def megabytes(size: int) -> str:
     """Return a byte count as megabytes, fit for the peak RSS column."""
     return f"{size / 1e6:,.0f} MB"
+
+
+def describe(machine: Machine) -> str:
+    """Return where a run measured, in a few words: machine and commit."""
+    return f"{machine.cores} cores, {machine.cpu_model}, commit {machine.code}"
 
 
 def write(path: Path, benchmark: str, machine: str, rows: list[SummaryRow]) -> None:
