@@ -15,7 +15,7 @@ from ordertrail.db.connection import Connection, connect, database_url
 from ordertrail.lib.logging import configure_logging
 from ordertrail.lib.settings import Settings, SettingsError
 
-__all__ = ["DURATION", "load_settings", "with_connection"]
+__all__ = ["DURATION", "load_settings", "with_connection", "with_connections"]
 
 T = TypeVar("T")
 
@@ -59,16 +59,30 @@ def with_connection(
     settings: Settings, work: Callable[[Connection], Awaitable[T]]
 ) -> T:
     """Run ``work`` on one connection to the configured database."""
+    return with_connections(settings, 1, lambda connections: work(connections[0]))
+
+
+def with_connections(
+    settings: Settings,
+    count: int,
+    work: Callable[[list[Connection]], Awaitable[T]],
+) -> T:
+    """Run ``work`` on ``count`` connections to the configured database."""
 
     async def run(dsn: str) -> T:
+        connections: list[Connection] = []
         try:
-            connection = await connect(dsn)
+            for _ in range(count):
+                connections.append(await connect(dsn))
         except (OSError, asyncpg.PostgresError) as error:
+            for connection in connections:
+                await connection.close()
             raise click.ClickException(f"cannot reach the database: {error}") from None
         try:
-            return await work(connection)
+            return await work(connections)
         finally:
-            await connection.close()
+            for connection in connections:
+                await connection.close()
 
     with database_url(settings) as dsn:
         return asyncio.run(run(dsn))

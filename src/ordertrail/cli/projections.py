@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ordertrail.cli.common import load_settings, with_connection
+from ordertrail.cli.common import load_settings, with_connection, with_connections
 from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.store import EventStore
@@ -116,7 +116,9 @@ def rebuild_command(name: str, dry_run: bool, fresh: bool, batch_size: int) -> N
     store = EventStore(redelivery_window=settings.redelivery_window)
     console = Console(stderr=True)
 
-    async def run(connection: Connection) -> int:
+    async def run(connections: list[Connection]) -> int:
+        # The second connection reads ahead while the first folds and writes.
+        connection, reader = connections
         try:
             await rebuild.rebuild_lock(connection, name)
         except rebuild.RebuildBusy as busy:
@@ -126,7 +128,7 @@ def rebuild_command(name: str, dry_run: bool, fresh: bool, batch_size: int) -> N
             f"building {name} version {record.version} into {record.table_name} "
             f"with {vocabulary.source}"
         )
-        last = await _build(connection, record, store, batch_size)
+        last = await _build(connection, record, store, batch_size, reader)
         if last.failure is not None:
             console.print(
                 f"[red]stopped[/red] at position {last.failure.event.position}: "
@@ -157,7 +159,7 @@ def rebuild_command(name: str, dry_run: bool, fresh: bool, batch_size: int) -> N
         )
         return 0
 
-    sys.exit(with_connection(settings, run))
+    sys.exit(with_connections(settings, 2, run))
 
 
 async def _build(
@@ -165,6 +167,7 @@ async def _build(
     record: ProjectionVersion,
     store: EventStore,
     batch_size: int,
+    reader: Connection,
 ) -> Batch:
     total = await connection.fetchval("SELECT count(*) FROM events")
     head = await connection.fetchval("SELECT coalesce(max(position), 0) FROM events")
@@ -197,7 +200,12 @@ async def _build(
             )
 
         return await rebuild.build(
-            connection, record, store, batch_size=batch_size, on_batch=advance
+            connection,
+            record,
+            store,
+            batch_size=batch_size,
+            on_batch=advance,
+            reader=reader,
         )
 
 

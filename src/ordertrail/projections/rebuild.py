@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import msgspec
 import structlog
@@ -210,16 +212,25 @@ async def build(
     *,
     batch_size: int = 5000,
     on_batch: Callable[[Batch], None] | None = None,
+    reader: Connection | None = None,
 ) -> Batch:
     """Apply the log to a building version up to the settled head.
 
     First stream by stream up to the horizon fixed by ``begin`` (each item is
     folded whole and written once), then in log order from that horizon, as
-    any runner follows the log.
+    any runner follows the log. A second connection as ``reader`` lets the
+    first phase read ahead while it folds.
     """
     projection = await projection_of(connection, record, store, Vocabulary.default())
     if not record.bulk_done:
-        failure = await _bulk(connection, record, projection, batch_size, on_batch)
+        failure = await _bulk(
+            connection,
+            record,
+            projection,
+            batch_size=batch_size,
+            on_batch=on_batch,
+            reader=reader,
+        )
         if failure is not None:
             return Batch(0, record.checkpoint, failure)
     runner = ProjectionRunner(store, projection, record.name, batch_size=batch_size)
@@ -257,48 +268,76 @@ _BULK_READ = """
 _WHOLE_STREAM = 2**31 - 1
 
 
+class _WholeStreams:
+    """Cuts batches of events, in stream order, into whole streams.
+
+    The stream a batch ends in may go on in the next one; its events wait
+    here until the stream is complete.
+    """
+
+    def __init__(self) -> None:
+        self._stream: tuple[str, str, str] | None = None
+        self._events: list[_Bulk] = []
+
+    def cut(self, events: list[_Bulk], *, last: bool) -> list[list[_Bulk]]:
+        """Return the streams ``events`` complete (all of them if ``last``)."""
+        complete: list[list[_Bulk]] = []
+        for event in events:
+            stream = (event.mode, event.order_id, event.upc)
+            if stream != self._stream:
+                if self._events:
+                    complete.append(self._events)
+                self._stream, self._events = stream, []
+            self._events.append(event)
+        if last and self._events:
+            complete.append(self._events)
+            self._events = []
+        return complete
+
+
 async def _bulk(
     connection: Connection,
     record: ProjectionVersion,
     projection: ItemProjection,
+    *,
     batch_size: int,
     on_batch: Callable[[Batch], None] | None,
+    reader: Connection | None,
 ) -> FoldFailure | None:
     horizon = record.bulk_horizon
-    after = (
-        (*record.bulk_after, _WHOLE_STREAM) if record.bulk_after else ("", "", "", 0)
-    )
-    # The stream the last batch ended in may go on in the next one; its item
-    # waits here, unwritten, until the stream is complete.
-    open_stream: tuple[str, str, str] | None = None
-    open_events: list[_Bulk] = []
-    while True:
-        started = time.perf_counter()
-        rows = await connection.fetch(
+    after: tuple[str, str, str, int] = ("", "", "", 0)
+    if record.bulk_after:
+        mode, order_id, upc = record.bulk_after
+        after = (mode, order_id, upc, _WHOLE_STREAM)
+
+    def fetch(source: Connection, after: tuple[str, str, str, int]) -> Any:
+        return source.fetch(
             _BULK_READ,
             *after,
             str(horizon.transaction_id),
             horizon.position,
             batch_size,
         )
-        events = [_Bulk(*row) for row in rows]
-        complete: list[list[_Bulk]] = []
-        for event in events:
-            stream = (event.mode, event.order_id, event.upc)
-            if stream != open_stream:
-                if open_events:
-                    complete.append(open_events)
-                open_stream, open_events = stream, []
-            open_events.append(event)
-        if len(events) < batch_size and open_events:
-            complete.append(open_events)
-            open_events = []
-        failure = await _write_streams(connection, record, projection, complete)
-        if failure is not None:
-            return failure
+
+    # With a reader connection of its own, the next batch is read while this
+    # one is folded and written: the database's work overlaps Python's.
+    upcoming = asyncio.ensure_future(fetch(reader or connection, after))
+    streams = _WholeStreams()
+    while True:
+        started = time.perf_counter()
+        events = [_Bulk(*row) for row in await upcoming]
+        full = len(events) == batch_size
         if events:
             last = events[-1]
             after = (last.mode, last.order_id, last.upc, last.version)
+        if full and reader is not None:
+            upcoming = asyncio.ensure_future(fetch(reader, after))
+        complete = streams.cut(events, last=not full)
+        failure = await _write_streams(connection, record, projection, complete)
+        if failure is not None:
+            if full and reader is not None:
+                await upcoming
+            return failure
         if on_batch is not None and events:
             on_batch(
                 Batch(
@@ -307,8 +346,10 @@ async def _bulk(
                     seconds=time.perf_counter() - started,
                 )
             )
-        if len(events) < batch_size:
+        if not full:
             break
+        if reader is None:
+            upcoming = asyncio.ensure_future(fetch(connection, after))
     await connection.execute(
         "UPDATE projections SET bulk_done = true, checkpoint_xid = $3::text::xid8, "
         "checkpoint_position = $4, updated_at = now() "
