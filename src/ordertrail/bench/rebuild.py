@@ -228,11 +228,19 @@ async def _discard_unfinished(connection: Connection) -> None:
 
 
 async def _rebuild(connection: Connection, batch_size: int) -> tuple[int, int, str]:
-    """Build a new version of the item view from the whole log."""
+    """Build a new version of the item view from the whole log.
+
+    As ``ordertrail projections rebuild`` does, with a second connection
+    that reads ahead while the first folds and writes.
+    """
     record = await projection_rebuild.begin(connection, Vocabulary.default())
-    last = await projection_rebuild.build(
-        connection, record, EventStore(), batch_size=batch_size
-    )
+    reader = await connect(os.environ[_URL_VARIABLE])
+    try:
+        last = await projection_rebuild.build(
+            connection, record, EventStore(), batch_size=batch_size, reader=reader
+        )
+    finally:
+        await reader.close()
     failure = ""
     if last.failure is not None:
         failure = f"position {last.failure.event.position}: {last.failure.error}"
