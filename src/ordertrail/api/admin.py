@@ -10,7 +10,7 @@ from litestar.params import Parameter
 
 from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import Limit
-from ordertrail.api.security import requires
+from ordertrail.api.security import access
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import Role
 from ordertrail.ingest.quarantine import Quarantined, list_held
@@ -36,7 +36,7 @@ class AdminController(Controller):
 
     path = "/v1/admin"
     tags = ["admin"]  # noqa: RUF012 - litestar reads a plain list
-    guards = [requires(Role.ADMIN)]  # noqa: RUF012
+    opt = access(Role.ADMIN)
 
     @get(
         "/quarantine",

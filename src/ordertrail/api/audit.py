@@ -24,7 +24,7 @@ from ordertrail.api.conditional import fresh, not_modified, validators
 from ordertrail.api.documentation import API_KEY, problems
 from ordertrail.api.parameters import LARGEST_POSITION
 from ordertrail.api.problems import PROBLEM_MEDIA_TYPE, Problem, ProblemError
-from ordertrail.api.security import requires
+from ordertrail.api.security import access
 from ordertrail.api.services import Services
 from ordertrail.audit.export import export_lines
 from ordertrail.audit.history import (
@@ -197,7 +197,7 @@ async def _export_body(
         "cut short. Verify it with `ordertrail audit verify-export FILE`."
     ),
     tags=["audit"],
-    guards=[requires(Role.AUDITOR)],
+    opt=access(Role.AUDITOR),
     security=API_KEY,
     media_type="application/x-ndjson",
     response_headers=[

@@ -20,7 +20,7 @@ from ordertrail.api.parameters import (
     UpdatedAfter,
     Wait,
 )
-from ordertrail.api.security import requires
+from ordertrail.api.security import access
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import Role
 from ordertrail.db.connection import Connection
@@ -61,7 +61,7 @@ def _view(row: Any) -> ItemView:
     "/v1/changes",
     tags=["polling"],
     summary="Items changed after a cursor (long polling with wait)",
-    guards=[requires(Role.READER)],
+    opt=access(Role.READER),
     security=API_KEY,
     responses=problems(400, 401, 403, 429),
 )
@@ -135,7 +135,7 @@ async def _changed_after(
     "/v1/items",
     tags=["polling"],
     summary="Items matching filters, with keyset pagination",
-    guards=[requires(Role.READER)],
+    opt=access(Role.READER),
     security=API_KEY,
     responses=problems(400, 401, 403, 429),
 )

@@ -13,7 +13,7 @@ from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ordertrail.api.documentation import API_KEY, problems
-from ordertrail.api.security import requires
+from ordertrail.api.security import access
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import Role
 from ordertrail.lib.metrics import (
@@ -32,7 +32,7 @@ __all__ = ["metrics"]
     "/metrics",
     tags=["admin"],
     summary="Prometheus metrics",
-    guards=[requires(Role.ADMIN)],
+    opt=access(Role.ADMIN),
     security=API_KEY,
     responses=problems(401, 403, 429),
     media_type=CONTENT_TYPE_LATEST,
