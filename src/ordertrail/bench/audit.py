@@ -26,9 +26,12 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import os
 import random
 import secrets
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -376,6 +379,8 @@ class Report:
     latencies: list[Latency] = field(default_factory=list)
     rates: list[Rate] = field(default_factory=list)
     findings: int = 0
+    export_memory: list[tuple[int, int]] = field(default_factory=list)
+    """(events exported, peak RSS in bytes) of ``ordertrail export`` runs."""
 
     def rate(self, name: str) -> Rate:
         """Return the rate measured under ``name``."""
@@ -432,6 +437,12 @@ class Report:
             f"  export / {'scan, position order':<28} "
             f"{export.per_second / scan.per_second:5.2f}"
         )
+        if self.export_memory:
+            lines += ["", "memory of `ordertrail export -o FILE` in its own process"]
+            lines += [
+                f"  {events:>9,} events exported: peak RSS {rss / 2**20:,.0f} MB"
+                for events, rss in self.export_memory
+            ]
         lines += [
             "",
             "correctness",
@@ -641,6 +652,45 @@ async def measure_passes(
     return rates, findings[0]
 
 
+_EXPORT_PEAK = """
+import resource, runpy, sys
+sys.argv = ["ordertrail", "export", "-o", sys.argv[1], "--to-position", sys.argv[2]]
+try:
+    runpy.run_module("ordertrail", run_name="__main__")
+except SystemExit:
+    pass
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+async def measure_export_memory(url: str, events: int) -> list[tuple[int, int]]:
+    """Export a tenth of the log, then all of it; return each run's peak RSS.
+
+    Each export runs in a process of its own, so its peak is its own: a
+    streamed export should peak the same whatever the number of events.
+    """
+    found = []
+    with tempfile.TemporaryDirectory(prefix="ordertrail-export-") as folder:
+        for count in (events // 10, events):
+            _progress(f"exporting {count:,} events in a process of its own")
+            finished = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-c",
+                    _EXPORT_PEAK,
+                    f"{folder}/export.ndjson",
+                    str(count),
+                ],
+                env={**os.environ, "ORDERTRAIL_DATABASE_URL": url},
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            found.append((count, int(finished.stdout.strip().splitlines()[-1])))
+    return found
+
+
 async def benchmark(options: argparse.Namespace) -> Report:
     """Set up, write the log, measure, and tear down."""
     rng = random.Random(options.seed)  # noqa: S311 - reproducible sampling
@@ -657,6 +707,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
         latencies = await measure_reads(connection, log, options.samples, rng)
         key = AuditKey(secrets.token_urlsafe(32))
         rates, findings = await measure_passes(connection, key)
+        memory = await measure_export_memory(database.url, options.events)
         return Report(
             machine=describe_machine(database.server_version),
             database=f"{describe_url(database.url)} ({source}), created for this "
@@ -665,6 +716,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
             latencies=latencies,
             rates=rates,
             findings=findings,
+            export_memory=memory,
         )
 
 

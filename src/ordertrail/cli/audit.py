@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -83,6 +84,25 @@ def checkpoint(every: timedelta | None) -> None:
     configure_logging(settings.log_level, settings.log_format)
     with database_url(settings) as dsn, contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_record_every(dsn, key, every.total_seconds()))
+
+
+def start_checkpointer(settings: Settings, dsn: str, every: timedelta) -> None:
+    """Record checkpoints every ``every`` on a thread beside the server.
+
+    Used by ``ordertrail serve --checkpoint-every``; the thread dies with the
+    process. Several serving processes each record only when events arrived
+    since the last checkpoint, so at most a few land per period.
+    """
+    if every <= timedelta(0):
+        raise click.UsageError("--checkpoint-every must be a positive duration")
+    key = _key(settings, required=True)
+    assert key is not None
+    seconds = every.total_seconds()
+    threading.Thread(
+        target=lambda: asyncio.run(_record_every(dsn, key, seconds)),
+        name="ordertrail-checkpointer",
+        daemon=True,
+    ).start()
 
 
 async def _record_every(dsn: str, key: AuditKey, seconds: float) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import click
 
 from ordertrail import __version__
-from ordertrail.cli.audit import audit
-from ordertrail.cli.common import load_settings, with_connection
+from ordertrail.cli.audit import audit, start_checkpointer
+from ordertrail.cli.common import DURATION, load_settings, with_connection
 from ordertrail.cli.credentials import keys, tokens
 from ordertrail.cli.history import export, replay_order
 from ordertrail.cli.projections import projections
@@ -60,7 +61,16 @@ def migrate() -> None:
     show_default=True,
     help="Server processes; each runs its own writer and pool.",
 )
-def serve(host: str | None, port: int | None, workers: int) -> None:
+@click.option(
+    "--checkpoint-every",
+    type=DURATION,
+    default=None,
+    help="Also record a signed audit checkpoint this often (such as 1h); "
+    "needs ORDERTRAIL_AUDIT_KEY.",
+)
+def serve(
+    host: str | None, port: int | None, workers: int, checkpoint_every: timedelta | None
+) -> None:
     """Serve the webhook endpoint and the read API."""
     from granian.constants import Interfaces  # noqa: PLC0415 - only needed here
     from granian.server import Server  # noqa: PLC0415
@@ -73,6 +83,8 @@ def serve(host: str | None, port: int | None, workers: int) -> None:
         # or not) through the environment, and migrate before serving.
         os.environ["ORDERTRAIL_DATABASE_URL"] = dsn
         asyncio.run(_migrate(dsn))
+        if checkpoint_every is not None:
+            start_checkpointer(settings, dsn, checkpoint_every)
         where = (
             "external PostgreSQL"
             if settings.database_url
