@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck schemas bench bench-read bench-rebuild \
+.PHONY: run test test-fast lint typecheck schemas bench bench-ingest bench-read bench-rebuild \
 	bench-audit clean
 
 $(STAMP): pyproject.toml
@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(BIN)/python -m ordertrail.bench.read
 	$(BIN)/python -m ordertrail.bench.rebuild
 	$(BIN)/python -m ordertrail.bench.summary
+
+bench-ingest: $(STAMP)
+	$(BIN)/python -m ordertrail.bench.ingest
 
 bench-read: $(STAMP)
 	$(BIN)/python -m ordertrail.bench.read
