@@ -25,7 +25,6 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import asyncpg
 
@@ -114,18 +113,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1,
         help="rounds over all targets, interleaved to spread out noise (default 1)",
     )
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        default=Path("bench-results/ingest.md"),
-        help="where to write the markdown report (default bench-results/ingest.md)",
-    )
-    parser.add_argument(
-        "--summary",
-        type=Path,
-        default=Path("bench-results/ingest.json"),
-        help="where to write the summary rows (default bench-results/ingest.json)",
-    )
+    summary.add_outputs(parser, "ingest")
     options = parser.parse_args(argv)
     if options.seconds <= 0 or options.warmup < 0:
         parser.error("--seconds must be positive and --warmup not negative")
@@ -269,16 +257,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 2
 
-    print(report.text())
-    options.markdown.parent.mkdir(parents=True, exist_ok=True)
-    options.markdown.write_text(report.markdown())
-    summary.write(
-        options.summary,
+    summary.publish(
+        options,
         "ingest",
-        summary.describe(report.machine),
-        summary_rows(report),
+        text=report.text(),
+        markdown=report.markdown(),
+        machine=report.machine,
+        rows=summary_rows(report),
     )
-    print(f"\nmarkdown written to {options.markdown}")
     return 0 if report.passed else 1
 
 

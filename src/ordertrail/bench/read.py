@@ -168,18 +168,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="load the targets again under py-spy and report where the time went",
     )
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        default=Path("bench-results/read.md"),
-        help="where to write the markdown report (default bench-results/read.md)",
-    )
-    parser.add_argument(
-        "--summary",
-        type=Path,
-        default=Path("bench-results/read.json"),
-        help="where to write the summary rows (default bench-results/read.json)",
-    )
+    summary.add_outputs(parser, "read")
     options = parser.parse_args(argv)
     if options.seconds <= 0 or options.warmup < 0 or options.poll_window <= 0:
         parser.error("--seconds and --poll-window must be positive, --warmup not <0")
@@ -1172,16 +1161,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 2
 
-    print(report.text())
-    options.markdown.parent.mkdir(parents=True, exist_ok=True)
-    options.markdown.write_text(report.markdown())
-    summary.write(
-        options.summary,
+    summary.publish(
+        options,
         "read",
-        summary.describe(report.machine),
-        report.summary_rows(),
+        text=report.text(),
+        markdown=report.markdown(),
+        machine=report.machine,
+        rows=report.summary_rows(),
     )
-    print(f"\nmarkdown written to {options.markdown}")
     return 0 if report.passed else 1
 
 

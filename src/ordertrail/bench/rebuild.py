@@ -128,18 +128,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="rebuild once more under py-spy and report where the time went",
     )
-    parser.add_argument(
-        "--markdown",
-        type=Path,
-        default=Path("bench-results/rebuild.md"),
-        help="where to write the markdown report (default bench-results/rebuild.md)",
-    )
-    parser.add_argument(
-        "--summary",
-        type=Path,
-        default=Path("bench-results/rebuild.json"),
-        help="where to write the summary rows (default bench-results/rebuild.json)",
-    )
+    summary.add_outputs(parser, "rebuild")
     parser.add_argument("--child", choices=("scan", "rebuild"), help=argparse.SUPPRESS)
     options = parser.parse_args(argv)
     if options.batch_size < 1:
@@ -680,16 +669,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"benchmark failed: {error}", file=sys.stderr)
         return 2
 
-    print(report.text())
-    options.markdown.parent.mkdir(parents=True, exist_ok=True)
-    options.markdown.write_text(report.markdown())
-    summary.write(
-        options.summary,
+    summary.publish(
+        options,
         "rebuild",
-        summary.describe(report.machine),
-        report.summary_rows(),
+        text=report.text(),
+        markdown=report.markdown(),
+        machine=report.machine,
+        rows=report.summary_rows(),
     )
-    print(f"\nmarkdown written to {options.markdown}")
     return 0 if report.passed else 1
 
 

@@ -25,9 +25,11 @@ __all__ = [
     "BENCHMARKS",
     "SummaryFile",
     "SummaryRow",
+    "add_outputs",
     "describe",
     "main",
     "megabytes",
+    "publish",
     "write",
 ]
 
@@ -88,6 +90,41 @@ def write(path: Path, benchmark: str, machine: str, rows: list[SummaryRow]) -> N
         benchmark=benchmark, finished_at=datetime.now(UTC), machine=machine, rows=rows
     )
     path.write_bytes(msgspec.json.format(msgspec.json.encode(summary)) + b"\n")
+
+
+def add_outputs(parser: argparse.ArgumentParser, benchmark: str) -> None:
+    """Add the options naming where a benchmark writes its report and rows."""
+    markdown = Path(f"bench-results/{benchmark}.md")
+    rows = Path(f"bench-results/{benchmark}.json")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=markdown,
+        help=f"where to write the markdown report (default {markdown})",
+    )
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        default=rows,
+        help=f"where to write the summary rows (default {rows})",
+    )
+
+
+def publish(
+    options: argparse.Namespace,
+    benchmark: str,
+    *,
+    text: str,
+    markdown: str,
+    machine: Machine,
+    rows: list[SummaryRow],
+) -> None:
+    """Print a finished run, and write its markdown report and summary rows."""
+    print(text)
+    options.markdown.parent.mkdir(parents=True, exist_ok=True)
+    options.markdown.write_text(markdown)
+    write(options.summary, benchmark, describe(machine), rows)
+    print(f"\nmarkdown written to {options.markdown}")
 
 
 def _read(path: Path) -> SummaryFile | None:
