@@ -105,7 +105,7 @@ async def _past(
     as_of: AsOf,
     upc: str | None = None,
 ) -> PastState | None:
-    async with services.pool.acquire() as connection:
+    async with services.reads.acquire() as connection:
         events = await past_events(connection, mode, order_id, as_of, upc=upc)
     try:
         return past_state(services.projection, events)
@@ -241,7 +241,7 @@ async def export_events(
 ) -> Stream:
     """Stream the events of a position range, oldest first."""
     services: Services = request.app.state.services
-    async with services.pool.acquire() as connection:
+    async with services.reads.acquire() as connection:
         try:
             settled = await settled_position(connection, within=_SETTLE_WITHIN)
         except LogNotSettled as error:
@@ -262,7 +262,7 @@ async def export_events(
     )
     name = f"ordertrail-{mode or 'all'}-{from_position}-{upper}.ndjson"
     return Stream(
-        _export_body(services.pool, mode, from_position, upper),
+        _export_body(services.reads, mode, from_position, upper),
         media_type="application/x-ndjson",
         headers={
             "Content-Disposition": f'attachment; filename="{name}"',

@@ -94,7 +94,7 @@ async def changes(
         # waiting only for the cursor would then return at once, again and
         # again.
         known = services.feed.head(mode)
-        async with services.pool.acquire() as connection:
+        async with services.reads.acquire() as connection:
             rows = await _changed_after(connection, mode, place, limit)
         remaining = deadline - time.monotonic()
         if rows or remaining <= 0:
@@ -165,7 +165,7 @@ async def items(
         "updated_at": updated_after,
         "order_id": order_id,
     }
-    async with services.pool.acquire() as connection:
+    async with services.reads.acquire() as connection:
         rows = await _matching(connection, mode, start, filters, limit + 1)
     page = rows[:limit]
     return ItemPage(

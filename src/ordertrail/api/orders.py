@@ -130,7 +130,7 @@ class OrdersController(Controller):
         if as_of is not None:
             return await past_order_response(request, order_id, mode, as_of)
         services: Services = request.app.state.services
-        async with services.pool.acquire() as connection:
+        async with services.reads.acquire() as connection:
             rows = await connection.fetch(
                 f"SELECT {_ITEM_COLUMNS}, change_xid FROM item_view "
                 "WHERE order_id = $1 AND mode = $2",
@@ -178,7 +178,7 @@ class OrdersController(Controller):
             return await past_item_response(request, order_id, upc, mode, as_of)
         services: Services = request.app.state.services
         key = (order_id, mode, upc)
-        async with services.pool.acquire() as connection:
+        async with services.reads.acquire() as connection:
             if request.headers.get("if-none-match") is not None:
                 # Pollers mostly hold the current copy: check it with the two
                 # columns the tag is made of before reading the whole row.
@@ -226,7 +226,7 @@ class OrdersController(Controller):
     ) -> EventHistory:
         """Return the raw events of every item of the order, oldest first."""
         services: Services = request.app.state.services
-        async with services.pool.acquire() as connection:
+        async with services.reads.acquire() as connection:
             events = await services.store.read_order(
                 connection, mode, order_id, after_position=after, limit=limit + 1
             )

@@ -42,6 +42,8 @@ class Services:
     settings: Settings
     dsn: str
     pool: asyncpg.Pool
+    reads: asyncpg.Pool
+    """Where read endpoints query: ``pool`` itself unless a replica is set."""
     store: EventStore
     vocabulary: Vocabulary
     served: ServedProjection
@@ -109,6 +111,7 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         settings=settings,
         dsn=dsn,
         pool=pool,
+        reads=pool,
         store=store,
         vocabulary=vocabulary,
         served=served,
