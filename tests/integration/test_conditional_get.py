@@ -250,3 +250,71 @@ async def test_the_modes_of_one_item_have_their_own_etags(
 
     assert (live.json()["state"], test.json()["state"]) == ("confirmed", "ordered")
     assert_not_modified(test_again, etag_of(test))
+
+
+# Unchanged items are answered at the door, before the handler; the answers
+# there must be the handler's answers, for every request the door takes.
+
+
+async def test_a_304_at_the_door_names_its_request(
+    client: AsyncTestClient[Litestar], live_token: str, reader_key: str, order_id: str
+) -> None:
+    await deliver(client, live_token, order_id)
+    etag = etag_of(await get(client, reader_key, item_path(order_id)))
+    headers = {**bearer(reader_key), "If-None-Match": etag, "X-Request-Id": "pos-7"}
+
+    response = await client.get(item_path(order_id), headers=headers)
+
+    assert_not_modified(response, etag)
+    assert response.headers["x-request-id"] == "pos-7"
+
+
+async def test_a_current_tag_does_not_pass_a_missing_key(
+    client: AsyncTestClient[Litestar], live_token: str, reader_key: str, order_id: str
+) -> None:
+    await deliver(client, live_token, order_id)
+    etag = etag_of(await get(client, reader_key, item_path(order_id)))
+
+    response = await client.get(item_path(order_id), headers={"If-None-Match": etag})
+
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [
+        ({"mode": "live", "unknown": "1"}, 304),
+        ({"mode": "LIVE"}, 400),
+        ({"mode": "test"}, 404),
+    ],
+)
+async def test_queries_the_door_leaves_to_the_handler(
+    *,
+    client: AsyncTestClient[Litestar],
+    live_token: str,
+    reader_key: str,
+    order_id: str,
+    params: dict[str, str],
+    status: int,
+) -> None:
+    await deliver(client, live_token, order_id)
+    etag = etag_of(await get(client, reader_key, item_path(order_id)))
+
+    response = await get(client, reader_key, item_path(order_id), etag, **params)
+
+    assert response.status_code == status, response.text
+
+
+async def test_a_past_state_is_revalidated_against_its_own_tag(
+    client: AsyncTestClient[Litestar], live_token: str, reader_key: str, order_id: str
+) -> None:
+    # The current tag says nothing about a past state: no 304 from it.
+    await deliver(client, live_token, order_id, status="ordered")
+    await deliver(client, live_token, order_id, status="confirmed")
+    current = etag_of(await get(client, reader_key, item_path(order_id)))
+
+    past = await get(
+        client, reader_key, item_path(order_id), current, as_of="2000-01-01T00:00:00Z"
+    )
+
+    assert past.status_code != 304

@@ -19,6 +19,13 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from ordertrail import __version__
 from ordertrail.api.admin import AdminController
 from ordertrail.api.audit import export_events
+from ordertrail.api.conditional import (
+    REVALIDATOR,
+    Revalidator,
+    matches,
+    mode_of,
+    send_not_modified,
+)
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
 from ordertrail.api.metrics import metrics
@@ -36,11 +43,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def entry_middleware(app: ASGIApp) -> ASGIApp:
-    """Name every request and admit it by the role its route needs.
+    """Name every request, admit it by its route's role, answer 304s early.
 
-    One pass over the raw headers serves both. The request id goes into the
-    answer's ``X-Request-Id``: a well-formed id sent by the client is kept so
-    a caller can follow its request through; anything else is replaced by
+    One pass over the raw headers serves all three. The request id goes into
+    the answer's ``X-Request-Id``: a well-formed id sent by the client is kept
+    so a caller can follow its request through; anything else is replaced by
     this process's prefix and a counter, unique and next to free.
     """
     prefix = secrets.token_hex(4)
@@ -50,12 +57,14 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
         if scope["type"] != ScopeType.HTTP:
             await app(scope, receive, send)
             return
-        sent = authorization = None
+        sent = authorization = if_none_match = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 sent = value.decode("latin-1")
             elif name == b"authorization":
                 authorization = value.decode("latin-1")
+            elif name == b"if-none-match":
+                if_none_match = value.decode("latin-1")
         if sent is None or not _REQUEST_ID.match(sent):
             sent = f"{prefix}-{next(counter):x}"
         request_id = sent
@@ -67,12 +76,34 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        needed = scope["route_handler"].opt.get(ROLE)
+        opt = scope["route_handler"].opt
+        needed = opt.get(ROLE)
         if needed is not None:
             await admit(scope, authorization, needed)
+        revalidator = opt.get(REVALIDATOR)
+        if (
+            revalidator is not None
+            and if_none_match is not None
+            and await _unchanged(scope, revalidator, if_none_match, send_with_id)
+        ):
+            return
         await app(scope, receive, send_with_id)
 
     return middleware
+
+
+async def _unchanged(
+    scope: Scope, revalidator: Revalidator, if_none_match: str, send: Send
+) -> bool:
+    # Answers 304 and returns True when the client's copy is current.
+    mode = mode_of(scope["query_string"])
+    if mode is None:
+        return False
+    etag = await revalidator(scope["app"].state.services, scope["path_params"], mode)
+    if etag is None or not matches(if_none_match, etag):
+        return False
+    await send_not_modified(send, etag)
+    return True
 
 
 def openapi_config() -> OpenAPIConfig:
