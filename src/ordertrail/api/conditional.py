@@ -88,7 +88,15 @@ def matches(if_none_match: str | None, etag: str) -> bool:
 
 def fresh(request: Request[Any, Any, Any], etag: str) -> bool:
     """Return whether the client's copy (``If-None-Match``) is current."""
-    return matches(request.headers.get("if-none-match"), etag)
+    # Read from the raw headers: most requests carry no If-None-Match, and a
+    # header mapping would be built for nothing. Repeated fields form one
+    # list (RFC 9110 5.3).
+    values = [
+        value.decode("latin-1")
+        for name, value in request.scope["headers"]
+        if name == b"if-none-match"
+    ]
+    return matches(", ".join(values), etag) if values else False
 
 
 def not_modified(etag: str) -> Response[None]:

@@ -206,8 +206,8 @@ class CredentialCache:
     ) -> None:
         self._pool = pool
         self._bootstrap = [_Entry(c, digest(secret)) for c, secret in bootstrap]
-        self._entries: dict[CredentialKind, list[_Entry]] = {
-            kind: [] for kind in CredentialKind
+        self._entries: dict[CredentialKind, dict[bytes, _Entry]] = {
+            kind: {} for kind in CredentialKind
         }
         self._loaded_at = 0.0
         self._refresh_interval = refresh_interval
@@ -224,16 +224,18 @@ class CredentialCache:
                     "WHERE revoked_at IS NULL "
                     "AND (expires_at IS NULL OR expires_at > now())"
                 )
-            entries: dict[CredentialKind, list[_Entry]] = {
-                kind: [] for kind in CredentialKind
+            entries: dict[CredentialKind, dict[bytes, _Entry]] = {
+                kind: {} for kind in CredentialKind
             }
             for entry in self._bootstrap:
-                entries[entry.credential.kind].append(entry)
+                entries[entry.credential.kind][entry.secret_sha256] = entry
             for row in rows:
                 values = dict(row.items())
                 secret_sha256 = values.pop("secret_sha256")
                 credential = msgspec.convert(values, Credential)
-                entries[credential.kind].append(_Entry(credential, secret_sha256))
+                entries[credential.kind][secret_sha256] = _Entry(
+                    credential, secret_sha256
+                )
             self._entries = entries
             self._loaded_at = time.monotonic()
 
@@ -272,17 +274,18 @@ class CredentialCache:
         return _credential(row)
 
     def _match(self, presented: str, kind: CredentialKind) -> Credential | None:
+        # Secrets are found by the SHA-256 of the whole secret, never compared
+        # as text: how long the look-up takes depends on that digest, which
+        # shares nothing with how much of a guess was right. The look-up stays
+        # one probe however many keys there are.
         presented_sha256 = digest(presented)
-        now = datetime.now(UTC)
-        found = None
-        # Compare against every candidate, without stopping at a match, so the
-        # time taken says nothing about which secret (if any) matched.
-        for entry in self._entries[kind]:
-            if hmac.compare_digest(entry.secret_sha256, presented_sha256):
-                found = entry.credential
-        if found is not None and not found.active(now):
+        entry = self._entries[kind].get(presented_sha256)
+        if entry is None or not hmac.compare_digest(
+            entry.secret_sha256, presented_sha256
+        ):
             return None
-        return found
+        found = entry.credential
+        return found if found.active(datetime.now(UTC)) else None
 
     async def record_use(self) -> None:
         """Write the last-used time of credentials used since the last call."""
