@@ -14,9 +14,11 @@ order and only below the snapshot horizon, where every transaction has ended.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -31,7 +33,15 @@ from ordertrail.eventstore.records import (
     StreamKey,
 )
 
-__all__ = ["EVENTS_CHANNEL", "EventStore", "NewEvent", "stream_lock_key"]
+__all__ = [
+    "EVENTS_CHANNEL",
+    "INSERT",
+    "EventStore",
+    "NewEvent",
+    "insert_arguments",
+    "stream_lock_key",
+    "stream_lock_keys",
+]
 
 EVENTS_CHANNEL = "ordertrail_events"
 """NOTIFY channel: the payload is the highest position a commit appended."""
@@ -49,6 +59,15 @@ def stream_lock_key(stream: StreamKey) -> int:
     """Return the advisory lock key that guards appends to ``stream``."""
     text = f"{stream.mode}\x1f{stream.order_id}\x1f{stream.upc}".encode()
     return int.from_bytes(hashlib.sha256(text).digest()[:8], "big", signed=True)
+
+
+def stream_lock_keys(streams: Sequence[StreamKey]) -> list[int]:
+    """Return the lock keys of ``streams`` in the order to take them.
+
+    Sorted keys: two transactions always lock shared streams in the same
+    order, so they queue instead of deadlocking.
+    """
+    return sorted({stream_lock_key(stream) for stream in streams})
 
 
 class NewEvent:
@@ -169,92 +188,65 @@ class EventStore:
         for a redelivery, the position of the event it repeats.
         """
         streams = sorted({delivery.stream for delivery in deliveries})
-        await self._lock(connection, streams)
-        heads = await self._heads(connection, streams, deliveries)
-        events = [
-            self._place(delivery, heads[delivery.stream]) for delivery in deliveries
-        ]
-        await self._insert(connection, events)
+        await connection.execute(_LOCK, stream_lock_keys(streams))
+        events, _ = await self.place(connection, deliveries, streams)
+        await connection.execute(INSERT, *insert_arguments(events))
         return events
 
-    async def _lock(self, connection: Connection, streams: list[StreamKey]) -> None:
-        # Sorted keys: two transactions always lock shared streams in the same
-        # order, so they queue instead of deadlocking.
-        keys = sorted({stream_lock_key(stream) for stream in streams})
-        await connection.execute(
-            "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key",
-            keys,
-        )
-
-    async def _heads(
+    async def place(
         self,
         connection: Connection,
-        streams: list[StreamKey],
         deliveries: Sequence[Delivery],
-    ) -> dict[StreamKey, _StreamHead]:
-        modes, orders, upcs = _columns(streams)
-        rows = await connection.fetch(
-            """
-            SELECT k.mode, k.order_id, k.upc, h.version, h.hash
-            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
-            JOIN LATERAL (
-                SELECT e.version, e.hash FROM events e
-                WHERE e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
-                ORDER BY e.version DESC LIMIT 1
-            ) h ON true
-            """,
-            modes,
-            orders,
-            upcs,
-        )
-        heads = {stream: _StreamHead(0, GENESIS) for stream in streams}
-        for row in rows:
-            heads[StreamKey(row["mode"], row["order_id"], row["upc"])] = _StreamHead(
-                row["version"], row["hash"]
-            )
-        known = [stream for stream in streams if heads[stream].version > 0]
-        if known:
-            await self._recall(connection, known, heads, deliveries)
-        return heads
+        streams: Sequence[StreamKey],
+        *,
+        rows_of: str | None = None,
+        row_columns: tuple[str, ...] = (),
+    ) -> tuple[list[NewEvent], dict[StreamKey, dict[str, Any]]]:
+        """Give each delivery its place in its stream, ready for ``INSERT``.
 
-    async def _recall(
-        self,
-        connection: Connection,
-        streams: list[StreamKey],
-        heads: dict[StreamKey, _StreamHead],
-        deliveries: Sequence[Delivery],
-    ) -> None:
+        The caller holds the streams' locks (``stream_lock_keys``). One query
+        reads each stream's head and the originals a delivery may repeat, and
+        draws the batch's positions. With ``rows_of``, the same query returns
+        ``row_columns`` of each stream's row in that table (keyed by mode,
+        order_id and upc), so that a caller updating a read model in the same
+        transaction needs no second round trip.
+        """
         # Only originals can be repeated: those received inside the window,
         # and those whose idempotency key a delivery in this batch presents.
         earliest = min(delivery.received_at for delivery in deliveries)
         keys = [d.idempotency_key for d in deliveries if d.idempotency_key is not None]
-        modes, orders, upcs = _columns(streams)
-        rows = await connection.fetch(
-            """
-            SELECT e.mode, e.order_id, e.upc, e.position, e.body_sha256,
-                   e.idempotency_key, e.received_at
-            FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
-            JOIN events e
-              ON e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
-            WHERE e.redelivery_of IS NULL
-              AND (e.received_at >= $4 OR e.idempotency_key = ANY($5::text[]))
-            ORDER BY e.position
-            """,
-            modes,
-            orders,
-            upcs,
+        records = await connection.fetch(
+            _place_statement(rows_of, row_columns),
+            [stream.mode for stream in streams],
+            [stream.order_id for stream in streams],
+            [stream.upc for stream in streams],
             earliest - self.redelivery_window,
             keys,
+            len(deliveries),
         )
-        for row in rows:
-            heads[StreamKey(row["mode"], row["order_id"], row["upc"])].seen.append(
-                _Seen(
-                    row["position"],
-                    row["body_sha256"],
-                    row["idempotency_key"],
-                    row["received_at"],
-                )
-            )
+        heads: dict[StreamKey, _StreamHead] = {}
+        rows: dict[StreamKey, dict[str, Any]] = {}
+        positions: list[int] = []
+        for record in records:
+            # By index: the row's columns may repeat these names.
+            stream = StreamKey(record[0], record[1], record[2])
+            heads[stream] = _head(record)
+            if record["positions"] is not None:
+                positions = sorted(record["positions"])
+            if row_columns and record["row_found"]:
+                rows[stream] = dict(zip(row_columns, record[_FIXED:], strict=True))
+        events = [
+            self._place(delivery, heads[delivery.stream]) for delivery in deliveries
+        ]
+        # Drawn in one statement, the numbers rise in the order asked: each
+        # delivery takes the next, so positions rise in delivery order, as the
+        # identity column would number the rows of one INSERT.
+        for event, position in zip(events, positions, strict=True):
+            event.position = position
+        for event in events:
+            if event.repeats is not None:
+                event.redelivery_of = event.repeats.position
+        return events, rows
 
     def _place(self, delivery: Delivery, head: _StreamHead) -> NewEvent:
         body_sha256 = hashlib.sha256(delivery.raw_body).digest()
@@ -296,50 +288,6 @@ class EventStore:
             ),
             None,
         )
-
-    async def _insert(self, connection: Connection, events: list[NewEvent]) -> None:
-        if any(event.repeats is not None for event in events):
-            await self._allocate_positions(connection, events)
-        deliveries = [event.delivery for event in events]
-        rows = await connection.fetch(
-            _INSERT_WITH_POSITIONS if events[0].position else _INSERT,
-            [d.mode for d in deliveries],
-            [d.order_id for d in deliveries],
-            [d.upc for d in deliveries],
-            [event.version for event in events],
-            EVENT_TYPE,
-            SCHEMA_VERSION,
-            [d.raw_status for d in deliveries],
-            [d.raw_body for d in deliveries],
-            [event.body_sha256 for event in events],
-            [d.received_at for d in deliveries],
-            [d.request_id for d in deliveries],
-            [d.client_address for d in deliveries],
-            [d.token_id for d in deliveries],
-            [d.idempotency_key for d in deliveries],
-            [event.redelivery_of for event in events],
-            [event.previous_hash for event in events],
-            [event.hash for event in events],
-            [event.position for event in events],
-        )
-        for event, row in zip(events, rows, strict=True):
-            event.position = row["position"]
-
-    async def _allocate_positions(
-        self, connection: Connection, events: list[NewEvent]
-    ) -> None:
-        # A delivery that repeats another of the same batch must name the
-        # original's position, which the INSERT would assign too late.
-        positions = await connection.fetch(
-            "SELECT nextval(pg_get_serial_sequence('events', 'position')) AS position "
-            "FROM generate_series(1, $1)",
-            len(events),
-        )
-        for event, row in zip(events, positions, strict=True):
-            event.position = row["position"]
-        for event in events:
-            if event.repeats is not None:
-                event.redelivery_of = event.repeats.position
 
     async def read_after(
         self,
@@ -414,12 +362,26 @@ class EventStore:
         return [_recorded(row) for row in rows]
 
 
-def _columns(streams: list[StreamKey]) -> tuple[list[str], list[str], list[str]]:
-    return (
-        [stream.mode for stream in streams],
-        [stream.order_id for stream in streams],
-        [stream.upc for stream in streams],
+def _head(record: asyncpg.Record) -> _StreamHead:
+    version = record["head_version"]
+    head = (
+        _StreamHead(version, record["head_hash"])
+        if version
+        else _StreamHead(0, GENESIS)
     )
+    found = record["seen_positions"]
+    if found:
+        head.seen = [
+            _Seen(position, body_sha256, idempotency_key, received_at)
+            for position, body_sha256, idempotency_key, received_at in zip(
+                found,
+                record["seen_sha256"],
+                record["seen_keys"],
+                record["seen_received_at"],
+                strict=True,
+            )
+        ]
+    return head
 
 
 def _recorded(row: asyncpg.Record) -> RecordedEvent:
@@ -441,12 +403,88 @@ _READ_ALL = f"""
     LIMIT $3
 """
 
-_INSERT_COLUMNS = """
-    mode, order_id, upc, version, event_type, schema_version, raw_status,
-    raw_body, body_sha256, received_at, request_id, client_address, token_id,
-    idempotency_key, redelivery_of, previous_hash, hash"""
+_LOCK = "SELECT pg_advisory_xact_lock(key) FROM unnest($1::bigint[]) AS key"
 
-_INSERT_SOURCE = """
+_PLACE = """
+    SELECT k.mode, k.order_id, k.upc, h.version AS head_version, h.hash AS head_hash,
+           r.positions AS seen_positions, r.sha256 AS seen_sha256,
+           r.keys AS seen_keys, r.received_at AS seen_received_at,
+           CASE WHEN k.n = 1 THEN (
+               SELECT array_agg(nextval(pg_get_serial_sequence('events', 'position')))
+               FROM generate_series(1, $6)
+           ) END AS positions,
+           {row_found} AS row_found{row_columns}
+    FROM unnest($1::text[], $2::text[], $3::text[])
+         WITH ORDINALITY AS k(mode, order_id, upc, n)
+    LEFT JOIN LATERAL (
+        SELECT e.version, e.hash FROM events e
+        WHERE e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
+        ORDER BY e.version DESC LIMIT 1
+    ) h ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(e.position ORDER BY e.position) AS positions,
+               array_agg(e.body_sha256 ORDER BY e.position) AS sha256,
+               array_agg(e.idempotency_key ORDER BY e.position) AS keys,
+               array_agg(e.received_at ORDER BY e.position) AS received_at
+        FROM events e
+        WHERE e.mode = k.mode AND e.order_id = k.order_id AND e.upc = k.upc
+          AND e.redelivery_of IS NULL
+          AND (e.received_at >= $4 OR e.idempotency_key = ANY($5::text[]))
+    ) r ON true{rows_join}
+"""
+# The row columns follow the fixed ones, from this index on.
+_FIXED = 11
+
+
+@functools.lru_cache(maxsize=16)
+def _place_statement(rows_of: str | None, row_columns: tuple[str, ...]) -> str:
+    if rows_of is None or not row_columns:
+        return _PLACE.format(row_found="false", row_columns="", rows_join="")
+    return _PLACE.format(
+        row_found="v.mode IS NOT NULL",
+        row_columns="".join(f", v.{column}" for column in row_columns),
+        rows_join=(
+            f'\n    LEFT JOIN "{rows_of}" v\n'
+            "      ON v.mode = k.mode AND v.order_id = k.order_id AND v.upc = k.upc"
+        ),
+    )
+
+
+def insert_arguments(events: Sequence[NewEvent]) -> list[Any]:
+    """Return the parameters of ``INSERT`` for ``events``, which have positions."""
+    deliveries = [event.delivery for event in events]
+    return [
+        [d.mode for d in deliveries],
+        [d.order_id for d in deliveries],
+        [d.upc for d in deliveries],
+        [event.version for event in events],
+        EVENT_TYPE,
+        SCHEMA_VERSION,
+        [d.raw_status for d in deliveries],
+        [d.raw_body for d in deliveries],
+        [event.body_sha256 for event in events],
+        [d.received_at for d in deliveries],
+        [d.request_id for d in deliveries],
+        [d.client_address for d in deliveries],
+        [d.token_id for d in deliveries],
+        [d.idempotency_key for d in deliveries],
+        [event.redelivery_of for event in events],
+        [event.previous_hash for event in events],
+        [event.hash for event in events],
+        [event.position for event in events],
+    ]
+
+
+INSERT = """
+    INSERT INTO events (
+        position, mode, order_id, upc, version, event_type, schema_version,
+        raw_status, raw_body, body_sha256, received_at, request_id,
+        client_address, token_id, idempotency_key, redelivery_of,
+        previous_hash, hash
+    ) OVERRIDING SYSTEM VALUE
+    SELECT position, mode, order_id, upc, version, $5, $6, raw_status, raw_body,
+           body_sha256, received_at, request_id, client_address, token_id,
+           idempotency_key, redelivery_of, previous_hash, hash
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $7::text[],
                 $8::bytea[], $9::bytea[], $10::timestamptz[], $11::text[],
                 $12::text[], $13::text[], $14::text[], $15::bigint[],
@@ -454,21 +492,8 @@ _INSERT_SOURCE = """
          AS d(mode, order_id, upc, version, raw_status, raw_body, body_sha256,
               received_at, request_id, client_address, token_id, idempotency_key,
               redelivery_of, previous_hash, hash, position)"""
+"""Inserts events placed by ``EventStore.place``, with the positions they drew.
 
-# unnest yields its rows in array order, and the identity column numbers rows
-# as they are inserted, so positions rise in delivery order.
-_INSERT = f"""
-    INSERT INTO events ({_INSERT_COLUMNS})
-    SELECT mode, order_id, upc, version, $5, $6, raw_status, raw_body,
-           body_sha256, received_at, request_id, client_address, token_id,
-           idempotency_key, redelivery_of, previous_hash, hash
-    {_INSERT_SOURCE}
-    RETURNING position"""
-
-_INSERT_WITH_POSITIONS = f"""
-    INSERT INTO events (position, {_INSERT_COLUMNS}) OVERRIDING SYSTEM VALUE
-    SELECT position, mode, order_id, upc, version, $5, $6, raw_status, raw_body,
-           body_sha256, received_at, request_id, client_address, token_id,
-           idempotency_key, redelivery_of, previous_hash, hash
-    {_INSERT_SOURCE}
-    RETURNING position"""
+Its parameters, ``insert_arguments``, are numbered from 1; it can stand as a
+common table expression of a larger statement that numbers its own after.
+"""

@@ -9,6 +9,7 @@ version: an event at or below a row's version is already in it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeVar, cast
@@ -17,6 +18,7 @@ from uuid import UUID
 import msgspec
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic
+from msgspec.structs import astuple
 
 from ordertrail.db.connection import Connection
 from ordertrail.domain.item import Item, item_id
@@ -27,6 +29,7 @@ from ordertrail.eventstore.store import EventStore
 __all__ = [
     "PROJECTION_NAME",
     "PROJECTION_VERSION",
+    "VIEW_COLUMNS",
     "Applied",
     "Fact",
     "FoldFailure",
@@ -34,6 +37,7 @@ __all__ = [
     "ItemView",
     "create_view_indexes",
     "create_view_table",
+    "save_arguments",
     "to_domain_event",
 ]
 
@@ -308,14 +312,36 @@ class ItemProjection:
         A stream whose fold raises is left untouched and reported, with the
         event that raised; the other streams are written.
         """
+        streams = list(dict.fromkeys(event.stream for event in events))
+        applied = await self.project(
+            connection, events, await self.load(connection, streams)
+        )
+        if applied.views:
+            await self.save(connection, applied.views)
+        return applied
+
+    async def project(
+        self,
+        connection: Connection,
+        events: Sequence[RecordedEvent],
+        current: dict[StreamKey, dict[str, Any]],
+    ) -> Applied:
+        """Fold ``events`` onto the saved rows ``current``; return what to save.
+
+        Writes nothing: the caller saves ``Applied.views`` (``save``, or
+        ``save_statement`` inside a larger statement).
+        """
         by_stream: dict[StreamKey, list[RecordedEvent]] = {}
         for event in events:
             by_stream.setdefault(event.stream, []).append(event)
-        current = await self.load(connection, list(by_stream))
         views: list[ItemView] = []
         failures: list[FoldFailure] = []
         for stream, fresh in by_stream.items():
             known = current.get(stream)
+            # A row already holding every event (the inline writer got there
+            # first) needs neither a fold nor a write.
+            if known is not None and known["version"] >= fresh[-1].version:
+                continue
             item = Item.restore(known) if known else None
             applied = item.version if item is not None else 0
             pending = await self._with_missing(connection, stream, item, fresh)
@@ -325,12 +351,8 @@ class ItemProjection:
                 poison = self.failing_event(known, pending)
                 failures.append(FoldFailure(poison, repr(error)))
                 continue
-            # A row already holding every event (the inline writer got there
-            # first) needs no write.
             if folded is not None and folded.version > applied:
                 views.append(ItemView.of(folded))
-        if views:
-            await self.save(connection, views)
         return Applied(views, failures)
 
     def failing_event(
@@ -371,7 +393,7 @@ class ItemProjection:
         """Return the saved rows of ``streams`` that exist, by stream."""
         rows = await connection.fetch(
             f"""
-            SELECT v.*
+            SELECT {_SELECTED}
             FROM unnest($1::text[], $2::text[], $3::text[]) AS k(mode, order_id, upc)
             JOIN {self.table} v
               ON v.mode = k.mode AND v.order_id = k.order_id AND v.upc = k.upc
@@ -386,13 +408,12 @@ class ItemProjection:
 
     async def save(self, connection: Connection, views: Sequence[ItemView]) -> None:
         """Insert or replace the rows of ``views``; never move a row back."""
-        await connection.execute(
-            _upsert_statement(self.table),
-            *(
-                [_column_value(view, column) for view in views]
-                for column in VIEW_COLUMNS
-            ),
-        )
+        await connection.execute(self.save_statement(), *save_arguments(views))
+
+    def save_statement(self, first_parameter: int = 1) -> str:
+        """Return the statement ``save`` runs, its parameters numbered from
+        ``first_parameter`` (to stand inside a larger statement)."""
+        return _upsert_statement(self.table, first_parameter)
 
 
 async def create_view_table(connection: Connection, table: str) -> None:
@@ -441,13 +462,14 @@ async def create_view_indexes(connection: Connection, table: str) -> None:
     )
 
 
-def _upsert_statement(table: str) -> str:
+@functools.lru_cache(maxsize=16)
+def _upsert_statement(table: str, first_parameter: int) -> str:
     columns = ", ".join(VIEW_COLUMNS)
     # JSON columns travel as text: asyncpg would read a list inside the
     # parameter array as another array dimension.
     arrays = ", ".join(
         f"${i}::{'text' if _SQL_TYPES[c] == 'jsonb' else _SQL_TYPES[c]}[]"
-        for i, c in enumerate(VIEW_COLUMNS, start=1)
+        for i, c in enumerate(VIEW_COLUMNS, start=first_parameter)
     )
     selected = ", ".join(
         f"{c}::jsonb" if _SQL_TYPES[c] == "jsonb" else c for c in VIEW_COLUMNS
@@ -465,11 +487,14 @@ def _upsert_statement(table: str) -> str:
 _json = msgspec.json.Encoder()
 
 
-def _column_value(view: ItemView, column: str) -> Any:
-    value = getattr(view, column)
-    if _SQL_TYPES[column] == "jsonb":
-        return _json.encode(value).decode()
-    return value
+def save_arguments(views: Sequence[ItemView]) -> list[list[Any]]:
+    """Return the parameters of ``save_statement``: one array per column."""
+    if not views:
+        return [[] for _ in VIEW_COLUMNS]
+    columns = [list(values) for values in zip(*map(astuple, views), strict=True)]
+    for index in _JSON_COLUMNS:
+        columns[index] = [_json.encode(value).decode() for value in columns[index]]
+    return columns
 
 
 _SQL_TYPES = {
@@ -492,3 +517,6 @@ _SQL_TYPES = {
     "unrecognized_statuses": "jsonb",
     "anomalies": "jsonb",
 }
+
+_JSON_COLUMNS = [i for i, c in enumerate(VIEW_COLUMNS) if _SQL_TYPES[c] == "jsonb"]
+_SELECTED = ", ".join(f"v.{column}" for column in VIEW_COLUMNS)
