@@ -160,6 +160,7 @@ class Cluster:
         self.name = name
         self.log_path = home / "server.log"
         self.replicas: list[Cluster] = []
+        self._log_start = 0
 
     def __repr__(self) -> str:
         return f"Cluster({self.name!r}, port={self.port}, data_dir={self.data_dir})"
@@ -239,7 +240,7 @@ class Cluster:
                 return
 
     def _pg_ctl_start(self, timeout: float) -> None:
-        self.log_path.unlink(missing_ok=True)
+        self._log_start = self.log_size()
         try:
             _run(
                 [
@@ -260,16 +261,29 @@ class Cluster:
             raise ClusterError(f"{self!r} did not start:\n{self.log_tail()}") from error
 
     def _port_was_taken(self) -> bool:
-        log = self.log_tail()
+        log = self.log_since(self._log_start)
         return "could not bind" in log or "Address already in use" in log
+
+    def log_since(self, offset: int = 0) -> str:
+        """The server's log from byte ``offset`` on (the log outlives restarts)."""
+        try:
+            with self.log_path.open("rb") as file:
+                file.seek(offset)
+                return file.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log, to explain a failure."""
+        text = self.log_since(self._log_start)
+        return "\n".join(text.splitlines()[-lines:]) or "(nothing logged)"
+
+    def log_size(self) -> int:
+        """Where the server's log ends now: an offset for :meth:`log_since`."""
         try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
+            return self.log_path.stat().st_size
         except FileNotFoundError:
-            return "(no server log)"
-        return "\n".join(text.splitlines()[-lines:])
+            return 0
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``, ``smart`` or ``immediate``); no-op if down."""
@@ -299,6 +313,15 @@ class Cluster:
             self.stop("immediate")
         finally:
             shutil.rmtree(self.home, ignore_errors=True)
+
+    def configure(self, settings: Mapping[str, str]) -> None:
+        """Change settings of the running server and reload them.
+
+        Only settings a reload applies take effect (``synchronous_commit``,
+        ``synchronous_standby_names``, ``recovery_min_apply_delay``, ...).
+        """
+        _append_settings(self.config_file, settings)
+        self.query("SELECT pg_reload_conf()")
 
     def query(self, sql: str, database: str = "postgres") -> str:
         """Run ``sql`` with psql; return its unaligned, tuples-only output."""

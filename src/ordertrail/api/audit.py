@@ -187,6 +187,22 @@ async def _export_body(
             yield chunk
 
 
+async def _until_reads_show_settled(services: Services, settled: int) -> None:
+    # The export is read on the replica, if there is one: it must have
+    # replayed the settled range first, or the file would stop short of it.
+    if services.replica is None:
+        return
+    if not await services.replica.caught_up(within=_SETTLE_WITHIN):
+        raise ProblemError(
+            503,
+            "replica-behind",
+            "The read replica has not replayed the end of the range yet",
+            f"the replica did not replay up to position {settled} within "
+            f"{_SETTLE_WITHIN:g} s",
+            headers={"Retry-After": "1"},
+        )
+
+
 @get(
     "/v1/export",
     summary="Every event, as NDJSON, with the heads to verify it offline",
@@ -211,7 +227,10 @@ async def _export_body(
         **problems(400, 401, 403, 429),
         503: ResponseSpec(
             Problem,
-            description="Appends in flight did not finish in time; retry.",
+            description=(
+                "Appends in flight did not finish, or the read replica did not "
+                "replay them, in time; retry."
+            ),
             media_type=PROBLEM_MEDIA_TYPE,
             generate_examples=False,
         ),
@@ -241,7 +260,8 @@ async def export_events(
 ) -> Stream:
     """Stream the events of a position range, oldest first."""
     services: Services = request.app.state.services
-    async with services.reads.acquire() as connection:
+    # Only the primary knows which transactions still hold positions.
+    async with services.pool.acquire() as connection:
         try:
             settled = await settled_position(connection, within=_SETTLE_WITHIN)
         except LogNotSettled as error:
@@ -252,6 +272,7 @@ async def export_events(
                 str(error),
                 headers={"Retry-After": "1"},
             ) from None
+    await _until_reads_show_settled(services, settled)
     upper = settled if to_position is None else min(to_position, settled)
     log.info(
         "audit.export_requested",

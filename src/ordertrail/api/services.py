@@ -17,6 +17,7 @@ from ordertrail.auth.credentials import (
 )
 from ordertrail.db.connection import create_pool, database_url
 from ordertrail.db.migrate import apply_migrations, pending
+from ordertrail.db.replica import ReadReplica
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.notifications import Listener, PositionSignal
 from ordertrail.eventstore.store import EVENTS_CHANNEL, EventStore
@@ -56,6 +57,8 @@ class Services:
     failure_limits: RateLimiter
     projections_changed: PositionSignal
     runner: RunnerSupervisor
+    replica: ReadReplica | None = None
+    """The replica ``reads`` is on, when one is set; ``None`` reads the primary."""
     background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -83,17 +86,38 @@ async def running_services(settings: Settings) -> AsyncIterator[Services]:
         try:
             async with pool.acquire() as connection:
                 await apply_migrations(connection)
-            services = _assemble(settings, dsn, pool)
-            await _start(services)
-            try:
-                yield services
-            finally:
-                await _stop(services)
+            async with _read_pool(settings, pool) as reads:
+                services = _assemble(settings, dsn, pool, reads)
+                await _start(services)
+                try:
+                    yield services
+                finally:
+                    await _stop(services)
         finally:
             await pool.close()
 
 
-def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
+@contextlib.asynccontextmanager
+async def _read_pool(
+    settings: Settings, pool: asyncpg.Pool
+) -> AsyncIterator[asyncpg.Pool]:
+    if settings.read_database_url is None:
+        yield pool
+        return
+    # The replica's pool connects only when a read needs it: the service
+    # starts, and takes webhooks, while the replica is down.
+    reads = await create_pool(
+        settings.read_database_url, min_size=0, max_size=settings.pool_max
+    )
+    try:
+        yield reads
+    finally:
+        await reads.close()
+
+
+def _assemble(
+    settings: Settings, dsn: str, pool: asyncpg.Pool, reads: asyncpg.Pool
+) -> Services:
     vocabulary = Vocabulary.load(settings.vocabulary_file)
     store = EventStore(redelivery_window=settings.redelivery_window)
     served = ServedProjection(store, vocabulary)
@@ -107,11 +131,12 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
     ]
     appended = PositionSignal()
     projections_changed = PositionSignal()
+    replica = ReadReplica(pool, reads) if reads is not pool else None
     return Services(
         settings=settings,
         dsn=dsn,
         pool=pool,
-        reads=pool,
+        reads=reads,
         store=store,
         vocabulary=vocabulary,
         served=served,
@@ -125,11 +150,12 @@ def _assemble(settings: Settings, dsn: str, pool: asyncpg.Pool) -> Services:
         credentials=CredentialCache(pool, bootstrap=bootstrap),
         listener=Listener(dsn),
         appended=appended,
-        feed=FeedHead(pool, appended),
+        feed=FeedHead(reads, appended, replica=replica),
         key_limits=RateLimiter(settings.key_rate, settings.key_burst),
         failure_limits=RateLimiter(settings.failure_rate, settings.failure_burst),
         projections_changed=projections_changed,
         runner=RunnerSupervisor(dsn, store, vocabulary, appended, projections_changed),
+        replica=replica,
     )
 
 

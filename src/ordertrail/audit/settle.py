@@ -17,6 +17,11 @@ an insert by hand with an explicit position, which verification reports).
 Nothing here blocks a writer: the wait only watches ``pg_locks``. It lasts as
 long as the appends already in flight, a few milliseconds, unless some
 transaction holds the sequence for long; then it gives up.
+
+It needs the primary. A standby's ``pg_locks`` does not list the primary's
+transactions, and its copy of the sequence runs up to 32 values ahead of the
+numbers handed out (the primary logs sequences ahead), so a standby is
+refused rather than answered wrongly.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ __all__ = ["LogNotSettled", "settled_position"]
 
 
 class LogNotSettled(RuntimeError):
-    """Transactions holding positions did not end in time."""
+    """Transactions holding positions did not end in time, or none can be seen."""
 
 
 _SEQUENCE = "SELECT pg_get_serial_sequence('events', 'position')"
@@ -57,8 +62,12 @@ async def settled_position(
 
     ``connection`` must not be inside a transaction that drew a position.
     Raises ``LogNotSettled`` if the transactions in flight outlast ``within``
-    seconds: an error that names them says more than a cancelled wait.
+    seconds: an error that names them says more than a cancelled wait; and
+    on a standby, which cannot see them.
     """
+    if await connection.fetchval("SELECT pg_is_in_recovery()"):
+        msg = "the settled position can only be read on the primary, not a standby"
+        raise LogNotSettled(msg)
     sequence = await connection.fetchval(_SEQUENCE)
     cache = await connection.fetchval(
         "SELECT seqcache FROM pg_sequence WHERE seqrelid = $1::regclass", sequence

@@ -35,6 +35,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     database_url: str | None = None
     """External PostgreSQL; unset starts the embedded server in ``data_dir``."""
+    read_database_url: str | None = None
+    """A streaming replica of ``database_url`` that answers the read endpoints.
+
+    Unset, reads go to ``database_url``. Webhooks, credentials, projections
+    and the feed's notifications stay on the primary. Reads see a webhook as
+    soon as it is acknowledged only if the primary commits with
+    ``synchronous_commit = remote_apply`` and names this replica in
+    ``synchronous_standby_names``.
+    """
     data_dir: str = msgspec.field(default_factory=lambda: str(default_data_dir()))
     host: str = "127.0.0.1"
     port: int = 8000

@@ -4,6 +4,13 @@ Long-polling clients wait for the feed to move past their cursor. Rather than
 each of them querying on every commit, one task follows the events channel,
 reads the feed's head (one index probe per mode) and wakes only the waiters
 the head has passed. Hundreds of idle pollers cost an awaiting coroutine each.
+
+With a read replica, the head is read where the pages are, on the replica,
+while the notifications still come from the primary (a standby neither sends
+nor relays them). A notification can then arrive before the replica shows the
+commit it announces; the head waits until the replica has replayed the
+primary's WAL up to where it stood after the notification, however long that
+takes, and only then looks.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import contextlib
 import asyncpg
 import structlog
 
+from ordertrail.db.replica import ReadReplica
 from ordertrail.eventstore.notifications import PositionSignal
 
 __all__ = ["FeedHead", "FeedPlace"]
@@ -35,13 +43,28 @@ _HEAD = """
 # growing intervals until it moves.
 _RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
+_REPLAY_PATIENCE = 60.0
+"""Seconds a replica may take to replay an announced commit before a warning."""
+
 
 class FeedHead:
     """Follows the newest visible change of each mode and wakes waiters."""
 
-    def __init__(self, pool: asyncpg.Pool, appended: PositionSignal) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        appended: PositionSignal,
+        *,
+        replica: ReadReplica | None = None,
+    ) -> None:
+        """Follow the head in ``pool``: the pool the change feed's pages read.
+
+        ``replica`` is given when that pool is a replica's, so that the head
+        waits for the replica to replay what a notification announced.
+        """
         self._pool = pool
         self._appended = appended
+        self._replica = replica
         self._heads: dict[str, FeedPlace] = {"live": (0, 0), "test": (0, 0)}
         self._moved: dict[str, asyncio.Event] = {
             m: asyncio.Event() for m in self._heads
@@ -54,7 +77,14 @@ class FeedHead:
 
     async def start(self) -> None:
         """Read the heads, then follow the events channel in the background."""
-        await self.refresh()
+        try:
+            await self.refresh()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # A replica that is down must not keep the service from taking
+            # webhooks; the heads are read again at the next notification.
+            if self._replica is None:
+                raise
+            log.warning("feed.refresh_failed", error=str(error))
         self._task = asyncio.create_task(self._follow(), name="ordertrail-feed-head")
 
     async def stop(self) -> None:
@@ -99,10 +129,24 @@ class FeedHead:
             # dropped listener connection.
             seen = await self._appended.wait_after(seen, 30.0)
             try:
+                await self._until_replayed()
                 await self._refresh_until_moved()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
                 log.warning("feed.refresh_failed", error=str(error))
                 await asyncio.sleep(1.0)
+
+    async def _until_replayed(self) -> None:
+        # The horizon retries below cover a transaction held open for a
+        # second or two; a replica can lag for longer, and a head read before
+        # it replays the commit would leave the waiters asleep until the next
+        # notification or the periodic look.
+        if self._replica is None:
+            return
+        target = await self._replica.primary_position()
+        waited = 0.0
+        while not await self._replica.until_replayed(target, within=_REPLAY_PATIENCE):
+            waited += _REPLAY_PATIENCE
+            log.warning("feed.replica_behind", wal_position=target, waited=waited)
 
     async def _refresh_until_moved(self) -> None:
         if await self.refresh():
