@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 import structlog
 from litestar import Request, Response, post
+from litestar.exceptions import ClientException
 from litestar.openapi.datastructures import ResponseSpec
 
 from ordertrail.api.documentation import WEBHOOK_TOKEN, WebhookOperation, problems
@@ -127,8 +128,8 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
         mode=credential.mode,
         token_id=credential.id,
         client_address=client,
-        idempotency_key=_idempotency_key(headers),
-        content_type=headers.get("content-type"),
+        idempotency_key=_storable(_idempotency_key(headers)),
+        content_type=_storable(headers.get("content-type")),
     )
 
     limit = services.settings.body_limit
@@ -206,11 +207,15 @@ _WANTED = frozenset(
 
 def _wanted_headers(request: Request[Any, Any, Any]) -> dict[str, str]:
     # One pass over the raw headers for the few this handler reads; the
-    # framework's header view rebuilds itself on every access.
+    # framework's header view rebuilds itself on every access. A repeated
+    # header is combined into one value, as RFC 9110 (5.3) combines field
+    # lines and as a proxy in between may already have done: two tokens are
+    # then no token, however they arrive.
     found: dict[str, str] = {}
     for name, value in request.scope["headers"]:
         if name in _WANTED:
-            found.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            found[key] = f"{found[key]}, {text}" if key in found else text
     return found
 
 
@@ -222,25 +227,43 @@ def _idempotency_key(headers: dict[str, str]) -> str | None:
     return None
 
 
+def _storable(value: str | None) -> str | None:
+    # PostgreSQL text cannot hold NUL; an HTTP server should refuse it in a
+    # header, but an ASGI server may pass it on. Header values are read as
+    # latin-1, so U+FFFD never occurs in them: the replacement keeps distinct
+    # values distinct, and an idempotency key still names one delivery.
+    if value is None or "\x00" not in value:
+        return value
+    return value.replace("\x00", "\ufffd")
+
+
 async def _read_body(
     request: Request[Any, Any, Any], announced: str | None, limit: int
 ) -> tuple[bytes, int, bool]:
     """Return (body or its first ``limit`` bytes, length seen, complete).
 
-    Reading stops at the first chunk past the limit; the rest is never read.
+    The body is read as the server frames it, message by message, and held
+    to the limit by what arrives, whatever Content-Length said. The
+    framework's own reading would refuse a Content-Length it cannot parse
+    (two values combined, a digit outside ASCII) with an answer of its own,
+    and this delivery is authenticated: it must end as an event or in
+    quarantine. Reading stops at the first chunk past the limit; the rest is
+    never read.
     """
-    if announced is not None and announced.isdigit() and int(announced) <= limit:
-        # The server delivers no more than Content-Length bytes, so a body
-        # announced within the limit can be read whole, the fast way.
-        body = await request.body()
-        return body, len(body), True
     chunks: list[bytes] = []
     length = 0
-    async for chunk in request.stream():
+    more = True
+    while more:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            # The sender went away mid-body: there is nobody to answer.
+            raise ClientException("the sender went away before the body ended")
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
         length += len(chunk)
         if length > limit:
             kept = (b"".join(chunks) + chunk)[:limit]
-            if announced is not None and announced.isdigit():
+            if announced is not None and announced.isascii() and announced.isdigit():
                 length = max(length, int(announced))
             return kept, length, False
         chunks.append(chunk)

@@ -53,4 +53,12 @@ _decoder = msgspec.json.Decoder(LocallyWebhook)
 
 def decode_webhook(body: bytes) -> LocallyWebhook:
     """Decode a raw body; raise ``msgspec.DecodeError`` if it is not a webhook."""
-    return _decoder.decode(body)
+    try:
+        return _decoder.decode(body)
+    except RecursionError:
+        # Even a field ordertrail does not read is walked to its end, and the
+        # decoder follows nesting only as deep as the interpreter's recursion
+        # limit allows (several hundred levels). Such a body is kept in
+        # quarantine like any other that cannot be read, not answered 500.
+        msg = "JSON is nested too deeply to read"
+        raise msgspec.DecodeError(msg) from None
