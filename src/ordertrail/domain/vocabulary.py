@@ -115,11 +115,16 @@ class Vocabulary:
         except tomllib.TOMLDecodeError as error:
             msg = f"{source}: {error}"
             raise VocabularyError(msg) from None
+        entries = document.get("status", [])
+        if not isinstance(entries, list):
+            msg = f"{source}: `status` must be an array of tables, each [[status]]"
+            raise VocabularyError(msg)
         meanings: dict[str, Meaning] = {}
-        for index, entry in enumerate(document.get("status", [])):
-            meaning = _meaning_of(entry, f"{source}: status entry {index + 1}")
-            for alias in entry.get("aliases", []):
-                key = normalise_status(str(alias))
+        for index, entry in enumerate(entries):
+            where = f"{source}: status entry {index + 1}"
+            meaning = _meaning_of(entry, where)
+            for alias in _aliases_of(entry, where):
+                key = normalise_status(alias)
                 known = meanings.get(key)
                 if known is not None and known != meaning:
                     msg = f"{source}: alias {alias!r} is listed for two meanings"
@@ -152,7 +157,10 @@ class Vocabulary:
         return samples
 
 
-def _meaning_of(entry: dict[str, object], where: str) -> Meaning:
+def _meaning_of(entry: object, where: str) -> Meaning:
+    if not isinstance(entry, dict):
+        msg = f"{where}: not a table of transition, fulfilment and aliases"
+        raise VocabularyError(msg)
     try:
         transition = Transition(str(entry["transition"]))
         fulfilment = entry.get("fulfilment")
@@ -162,3 +170,19 @@ def _meaning_of(entry: dict[str, object], where: str) -> Meaning:
     except (KeyError, ValueError) as error:
         msg = f"{where}: {error}"
         raise VocabularyError(msg) from None
+
+
+def _aliases_of(entry: dict[str, object], where: str) -> list[str]:
+    aliases = entry.get("aliases", [])
+    # A string where the array belongs would be read letter by letter, and a
+    # number or table would be matched by its Python spelling: refuse both.
+    if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+        msg = f"{where}: `aliases` must be an array of strings"
+        raise VocabularyError(msg)
+    for alias in aliases:
+        if not normalise_status(alias):
+            # It would give a meaning to every status made of separators,
+            # the empty one included.
+            msg = f"{where}: alias {alias!r} has no letters or digits"
+            raise VocabularyError(msg)
+    return aliases
