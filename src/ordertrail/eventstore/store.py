@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from ordertrail.db.connection import Connection
 from ordertrail.eventstore.hashing import GENESIS, canonical, chain_hash
@@ -450,29 +451,59 @@ def _place_statement(rows_of: str | None, row_columns: tuple[str, ...]) -> str:
     )
 
 
+class _Row(msgspec.Struct):
+    """An event as one object of the JSON document that ``INSERT`` reads."""
+
+    position: int
+    mode: str
+    order_id: str
+    upc: str
+    version: int
+    raw_status: str
+    raw_body: bytes
+    body_sha256: bytes
+    received_at: datetime
+    request_id: str
+    client_address: str | None
+    token_id: str
+    idempotency_key: str | None
+    redelivery_of: int | None
+    previous_hash: bytes
+    hash: bytes
+
+
 def insert_arguments(events: Sequence[NewEvent]) -> list[Any]:
-    """Return the parameters of ``INSERT`` for ``events``, which have positions."""
-    deliveries = [event.delivery for event in events]
-    return [
-        [d.mode for d in deliveries],
-        [d.order_id for d in deliveries],
-        [d.upc for d in deliveries],
-        [event.version for event in events],
-        EVENT_TYPE,
-        SCHEMA_VERSION,
-        [d.raw_status for d in deliveries],
-        [d.raw_body for d in deliveries],
-        [event.body_sha256 for event in events],
-        [d.received_at for d in deliveries],
-        [d.request_id for d in deliveries],
-        [d.client_address for d in deliveries],
-        [d.token_id for d in deliveries],
-        [d.idempotency_key for d in deliveries],
-        [event.redelivery_of for event in events],
-        [event.previous_hash for event in events],
-        [event.hash for event in events],
-        [event.position for event in events],
+    """Return the parameters of ``INSERT`` for ``events``, which have positions.
+
+    The rows travel as one JSON document rather than an array per column:
+    asyncpg inspects every element of an array parameter through the
+    abstract collection classes, which cost the writer more CPU than the
+    rest of a batch's Python, while msgspec writes the document in one call.
+    Bytes travel as base64.
+    """
+    rows = [
+        _Row(
+            event.position,
+            d.mode,
+            d.order_id,
+            d.upc,
+            event.version,
+            d.raw_status,
+            d.raw_body,
+            event.body_sha256,
+            d.received_at,
+            d.request_id,
+            d.client_address,
+            d.token_id,
+            d.idempotency_key,
+            event.redelivery_of,
+            event.previous_hash,
+            event.hash,
+        )
+        for event in events
+        for d in (event.delivery,)
     ]
+    return [rows, EVENT_TYPE, SCHEMA_VERSION]
 
 
 INSERT = """
@@ -482,16 +513,17 @@ INSERT = """
         client_address, token_id, idempotency_key, redelivery_of,
         previous_hash, hash
     ) OVERRIDING SYSTEM VALUE
-    SELECT position, mode, order_id, upc, version, $5, $6, raw_status, raw_body,
-           body_sha256, received_at, request_id, client_address, token_id,
-           idempotency_key, redelivery_of, previous_hash, hash
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $7::text[],
-                $8::bytea[], $9::bytea[], $10::timestamptz[], $11::text[],
-                $12::text[], $13::text[], $14::text[], $15::bigint[],
-                $16::bytea[], $17::bytea[], $18::bigint[])
-         AS d(mode, order_id, upc, version, raw_status, raw_body, body_sha256,
-              received_at, request_id, client_address, token_id, idempotency_key,
-              redelivery_of, previous_hash, hash, position)"""
+    SELECT position, mode, order_id, upc, version, $2, $3, raw_status,
+           decode(raw_body, 'base64'), decode(body_sha256, 'base64'),
+           received_at, request_id, client_address, token_id, idempotency_key,
+           redelivery_of, decode(previous_hash, 'base64'), decode(hash, 'base64')
+    FROM jsonb_to_recordset($1::jsonb) AS d(
+        position bigint, mode text, order_id text, upc text, version int,
+        raw_status text, raw_body text, body_sha256 text,
+        received_at timestamptz, request_id text, client_address text,
+        token_id text, idempotency_key text, redelivery_of bigint,
+        previous_hash text, hash text
+    )"""
 """Inserts events placed by ``EventStore.place``, with the positions they drew.
 
 Its parameters, ``insert_arguments``, are numbered from 1; it can stand as a

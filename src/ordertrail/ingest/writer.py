@@ -109,10 +109,12 @@ async def append_and_project(
             )
         # One notification per commit, naming the highest position appended.
         last = max(event.position for event in events)
+        appending = insert_arguments(events)
+        saving = save_arguments(applied.views)
         await connection.execute(
-            _write_statement(projection),
-            *insert_arguments(events),
-            *save_arguments(applied.views),
+            _write_statement(projection, len(appending), len(saving)),
+            *appending,
+            *saving,
             EVENTS_CHANNEL,
             str(last),
         )
@@ -131,12 +133,11 @@ _ENTER_AND_LOCK = """
     FROM (SELECT enter_projection($1) AS served OFFSET 0) AS entered
 """
 
-_INSERT_PARAMETERS = 18
 
-
-def _write_statement(projection: ItemProjection) -> str:
-    first = _INSERT_PARAMETERS + 1
-    channel = first + len(VIEW_COLUMNS)
+def _write_statement(projection: ItemProjection, appending: int, saving: int) -> str:
+    # The insert's parameters come first, then the save's, then the notice's.
+    first = appending + 1
+    channel = first + saving
     return f"""
         WITH appended AS ({INSERT}),
         projected AS ({projection.save_statement(first)})

@@ -18,7 +18,6 @@ from uuid import UUID
 import msgspec
 from eventsourcing.persistence import Mapper, StoredEvent, Transcoder
 from eventsourcing.utils import get_topic
-from msgspec.structs import astuple
 
 from ordertrail.db.connection import Connection
 from ordertrail.domain.item import Item, item_id
@@ -465,36 +464,23 @@ async def create_view_indexes(connection: Connection, table: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _upsert_statement(table: str, first_parameter: int) -> str:
     columns = ", ".join(VIEW_COLUMNS)
-    # JSON columns travel as text: asyncpg would read a list inside the
-    # parameter array as another array dimension.
-    arrays = ", ".join(
-        f"${i}::{'text' if _SQL_TYPES[c] == 'jsonb' else _SQL_TYPES[c]}[]"
-        for i, c in enumerate(VIEW_COLUMNS, start=first_parameter)
-    )
-    selected = ", ".join(
-        f"{c}::jsonb" if _SQL_TYPES[c] == "jsonb" else c for c in VIEW_COLUMNS
-    )
+    # The rows travel as one JSON document, each view an object named by
+    # column: asyncpg would inspect every element of a parameter array.
+    record = ", ".join(f"{c} {_SQL_TYPES[c]}" for c in VIEW_COLUMNS)
     updates = ", ".join(f"{c} = excluded.{c}" for c in VIEW_COLUMNS[3:])
     return f"""
         INSERT INTO {table} ({columns})
-        SELECT {selected} FROM unnest({arrays}) AS u({columns})
+        SELECT {columns} FROM jsonb_to_recordset(${first_parameter}::jsonb)
+             AS u({record})
         ON CONFLICT (mode, order_id, upc) DO UPDATE
         SET {updates}, updated_at = now(), change_xid = pg_current_xact_id()
         WHERE {table}.version < excluded.version
     """
 
 
-_json = msgspec.json.Encoder()
-
-
-def save_arguments(views: Sequence[ItemView]) -> list[list[Any]]:
-    """Return the parameters of ``save_statement``: one array per column."""
-    if not views:
-        return [[] for _ in VIEW_COLUMNS]
-    columns = [list(values) for values in zip(*map(astuple, views), strict=True)]
-    for index in _JSON_COLUMNS:
-        columns[index] = [_json.encode(value).decode() for value in columns[index]]
-    return columns
+def save_arguments(views: Sequence[ItemView]) -> list[Any]:
+    """Return the parameters of ``save_statement``."""
+    return [list(views)]
 
 
 _SQL_TYPES = {
@@ -517,6 +503,4 @@ _SQL_TYPES = {
     "unrecognized_statuses": "jsonb",
     "anomalies": "jsonb",
 }
-
-_JSON_COLUMNS = [i for i, c in enumerate(VIEW_COLUMNS) if _SQL_TYPES[c] == "jsonb"]
 _SELECTED = ", ".join(f"v.{column}" for column in VIEW_COLUMNS)
