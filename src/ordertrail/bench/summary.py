@@ -23,6 +23,7 @@ from ordertrail.bench.report import aligned, markdown_table
 
 __all__ = [
     "BENCHMARKS",
+    "OPTIONAL",
     "SummaryFile",
     "SummaryRow",
     "add_outputs",
@@ -35,6 +36,9 @@ __all__ = [
 
 BENCHMARKS = ("ingest", "read", "rebuild")
 """The benchmarks ``make bench`` runs, in the order the summary lists them."""
+
+OPTIONAL = ("growth",)
+"""Benchmarks run on their own (``make bench-growth``), listed when present."""
 
 # The columns of text; the others hold figures.
 _TEXT_COLUMNS = (0, 1, 3, 6)
@@ -163,8 +167,8 @@ def render(files: list[SummaryFile], missing: list[str]) -> tuple[str, str]:
         "Each ratio compares two figures measured one after the other in the same "
         "run, on the same machine; the absolute figures move with the machine's "
         "load, the ratios much less. Peak RSS is that of the process measured: "
-        "the granian server tree for HTTP figures, the rebuilding process for a "
-        "rebuild."
+        "the granian server tree of the service under test for HTTP figures "
+        "(ingest, read, growth), the rebuilding process for a rebuild."
     )
     text = "\n".join(
         [
@@ -210,12 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
 
     files, missing = [], []
-    for name in BENCHMARKS:
+    for name in (*BENCHMARKS, *OPTIONAL):
         found = _read(options.results / f"{name}.json")
-        if found is None:
-            missing.append(name)
-        else:
+        if found is not None:
             files.append(found)
+        elif name in BENCHMARKS:
+            missing.append(name)
     text, markdown = render(files, missing)
     print(text)
     target = options.results / "summary.md"

@@ -154,7 +154,14 @@ class _Pending:
 
 
 class GroupCommitWriter:
-    """Shares transactions among concurrent appends."""
+    """Shares transactions among concurrent appends.
+
+    ``committers`` batches may be committing at once, each on its own
+    connection: a commit spends most of its time waiting for the server (the
+    statements, the WAL flush), and meanwhile another batch can gather and
+    go. Batches that share a stream take its lock in turn, so a stream's
+    events still follow each other in one order.
+    """
 
     def __init__(
         self,
@@ -164,37 +171,44 @@ class GroupCommitWriter:
         *,
         commit_delay: float = 0.002,
         batch_size: int = 256,
+        committers: int = 2,
     ) -> None:
         self._pool = pool
         self._store = store
         self._served = served
         self._commit_delay = commit_delay
         self._batch_size = batch_size
+        self._committers = committers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Start committing in the background."""
-        self._task = asyncio.create_task(self._run(), name="ordertrail-writer")
+        self._tasks = [
+            asyncio.create_task(self._run(), name=f"ordertrail-writer-{n}")
+            for n in range(1, self._committers + 1)
+        ]
 
     async def stop(self, grace: float = 10.0) -> None:
         """Commit what is queued (for up to ``grace`` seconds), then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
                 await self._queue.join()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
 
     async def append(self, delivery: Delivery) -> Appended:
         """Append one delivery; return once it is committed.
 
         Raises ``AppendFailed`` if it was not committed.
         """
-        if self._task is None or self._task.done():
+        if not self._tasks or all(task.done() for task in self._tasks):
             msg = "the writer is not running"
             raise AppendFailed(msg)
         future: asyncio.Future[Appended] = asyncio.get_running_loop().create_future()
