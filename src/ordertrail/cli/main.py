@@ -72,8 +72,8 @@ def serve(
     host: str | None, port: int | None, workers: int, checkpoint_every: timedelta | None
 ) -> None:
     """Serve the webhook endpoint and the read API."""
-    from granian.constants import Interfaces  # noqa: PLC0415 - only needed here
-    from granian.server import Server  # noqa: PLC0415
+    from granian.constants import HTTPModes, Interfaces, Loops  # noqa: PLC0415
+    from granian.server import Server  # noqa: PLC0415 - only needed here
 
     settings = load_settings()
     host = host or settings.host
@@ -94,11 +94,18 @@ def serve(
             f"ordertrail {__version__} on http://{host}:{port} ({where})", err=True
         )
         click.echo(f"API reference: http://{host}:{port}/schema", err=True)
+        # As the benchmarks serve (bench/servers.py; granian picks uvloop
+        # there once it is installed): uvloop, whose loop wakes and socket
+        # calls cost less than asyncio's own, and HTTP/1.1 alone, what Locally
+        # and the readers speak; no route needs WebSockets.
         Server(
             "ordertrail.api.app:create_app",
             address=host,
             port=port,
             interface=Interfaces.ASGI,
+            http=HTTPModes.http1,
+            websockets=False,
+            loop=Loops.uvloop,
             workers=workers,
             factory=True,
             log_access=False,
