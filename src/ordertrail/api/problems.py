@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import msgspec
+import structlog
 from litestar import Request, Response
 from litestar.exceptions import (
     HTTPException,
@@ -15,6 +17,8 @@ from litestar.exceptions import (
 __all__ = ["Problem", "ProblemError", "exception_handlers", "problem_response"]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+log = structlog.get_logger("ordertrail.api")
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -149,6 +153,29 @@ def _on_unauthorized(
     )
 
 
+def _on_unusable_value(
+    request: Request[Any, Any, Any], error: asyncpg.DataError
+) -> Response[bytes]:
+    # The read endpoints pass the request's values to the database as query
+    # arguments, so a data exception is a value the client sent that no
+    # stored text or number can equal: a NUL character, a string that is not
+    # UTF-8, a date beyond the calendar's range. That is a bad request, not a
+    # failure of the service.
+    log.info(
+        "request.unusable_value",
+        request_id=_request_id(request),
+        error=type(error).__name__,
+    )
+    return problem_response(
+        400,
+        "invalid-parameter",
+        "A request parameter is not valid",
+        "a value in the request cannot be compared with stored data: it holds "
+        "a NUL character or text that is not UTF-8, or is out of range",
+        request_id=_request_id(request),
+    )
+
+
 def _on_http(request: Request[Any, Any, Any], error: HTTPException) -> Response[bytes]:
     name = {
         403: "forbidden",
@@ -169,4 +196,5 @@ exception_handlers: dict[Any, Any] = {
     ValidationException: _on_validation,
     NotAuthorizedException: _on_unauthorized,
     HTTPException: _on_http,
+    asyncpg.DataError: _on_unusable_value,
 }

@@ -21,7 +21,7 @@ from ordertrail.audit.digest import AuditKey, AuditKeyError
 from ordertrail.audit.settle import LogNotSettled
 from ordertrail.audit.verify import VerifyReport, verify_log
 from ordertrail.audit.verify_export import ExportCheck, verify_export
-from ordertrail.cli.common import DURATION, load_settings, with_connection
+from ordertrail.cli.common import DURATION, TEXT, load_settings, with_connection
 from ordertrail.db.connection import connect, database_url
 from ordertrail.lib.logging import configure_logging
 from ordertrail.lib.settings import Settings
@@ -155,7 +155,9 @@ def checkpoints(as_json: bool) -> None:
 
 
 @audit.command("verify")
-@click.option("--order", "order_id", default=None, help="Only this order's streams.")
+@click.option(
+    "--order", "order_id", type=TEXT, default=None, help="Only this order's streams."
+)
 @click.option("--mode", type=click.Choice(["live", "test"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def verify(order_id: str | None, mode: str | None, as_json: bool) -> None:

@@ -15,7 +15,17 @@ from ordertrail.db.connection import Connection, connect, database_url
 from ordertrail.lib.logging import configure_logging
 from ordertrail.lib.settings import Settings, SettingsError
 
-__all__ = ["DURATION", "load_settings", "with_connection", "with_connections"]
+__all__ = [
+    "COUNT",
+    "DURATION",
+    "POSITION",
+    "QUARANTINE_ID",
+    "TEXT",
+    "VERSION",
+    "load_settings",
+    "with_connection",
+    "with_connections",
+]
 
 T = TypeVar("T")
 
@@ -43,6 +53,42 @@ class DurationType(click.ParamType[timedelta, object]):
 
 
 DURATION = DurationType()
+
+
+class StoredTextType(click.ParamType[str, object]):
+    """Text that can be compared with what the database stores.
+
+    The shell hands over bytes, and Python keeps those that are not UTF-8 as
+    lone surrogates; such an argument can equal no stored value, and the
+    database driver would refuse it with a traceback instead of a message.
+    """
+
+    name = "text"
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        text = str(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail(f"{text!r} is not UTF-8 text", param, ctx)
+        return text
+
+
+TEXT = StoredTextType()
+
+_LARGEST_BIGINT = 2**63 - 1
+# Numbers are checked against the columns they are compared with, so that one
+# too large for PostgreSQL is a usage error rather than a driver traceback.
+POSITION = click.IntRange(min=1, max=_LARGEST_BIGINT)
+"""A position in the log."""
+QUARANTINE_ID = click.IntRange(min=1, max=_LARGEST_BIGINT)
+"""The id of a quarantined delivery."""
+VERSION = click.IntRange(min=1, max=2**31 - 1)
+"""A projection version."""
+COUNT = click.IntRange(min=1, max=_LARGEST_BIGINT)
+"""How many rows to show."""
 
 
 def load_settings() -> Settings:

@@ -19,7 +19,7 @@ from ordertrail.auth.credentials import (
     list_credentials,
     revoke_credential,
 )
-from ordertrail.cli.common import DURATION, load_settings, with_connection
+from ordertrail.cli.common import DURATION, TEXT, load_settings, with_connection
 
 __all__ = ["keys", "tokens"]
 
@@ -40,7 +40,9 @@ def tokens() -> None:
     required=True,
     help="Locally's live or test connectivity.",
 )
-@click.option("--label", default="", help="A note for whoever lists the tokens.")
+@click.option(
+    "--label", type=TEXT, default="", help="A note for whoever lists the tokens."
+)
 @click.option(
     "--expires-in",
     type=DURATION,
@@ -82,7 +84,7 @@ def list_tokens(as_json: bool) -> None:
 
 
 @tokens.command("revoke")
-@click.argument("token_id")
+@click.argument("token_id", type=TEXT)
 def revoke_token(token_id: str) -> None:
     """Revoke a webhook token; running services stop accepting it at once."""
     _revoke(CredentialKind.WEBHOOK_TOKEN, token_id)
@@ -98,7 +100,7 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--role", type=click.Choice([r.value for r in Role]), required=True)
-@click.option("--label", default="", help="Who or what uses the key.")
+@click.option("--label", type=TEXT, default="", help="Who or what uses the key.")
 @click.option(
     "--expires-in",
     type=DURATION,
@@ -131,7 +133,7 @@ def list_keys(as_json: bool) -> None:
 
 
 @keys.command("revoke")
-@click.argument("key_id")
+@click.argument("key_id", type=TEXT)
 def revoke_key(key_id: str) -> None:
     """Revoke an API key; running services refuse it at once."""
     _revoke(CredentialKind.API_KEY, key_id)

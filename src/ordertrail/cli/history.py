@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Iterator
+from datetime import UTC
 from pathlib import Path
 from typing import BinaryIO
 
@@ -25,7 +26,7 @@ from ordertrail.audit.history import (
     replay,
 )
 from ordertrail.audit.settle import LogNotSettled, settled_position
-from ordertrail.cli.common import load_settings, with_connection
+from ordertrail.cli.common import POSITION, TEXT, load_settings, with_connection
 from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.records import RecordedEvent
@@ -52,14 +53,21 @@ class AsOfType(click.ParamType[AsOf, object]):
         if isinstance(value, AsOf):
             return value
         try:
-            return parse_as_of(str(value))
+            as_of = parse_as_of(str(value))
+            if as_of.moment is not None:
+                # A time whose offset carries it past year 1 or 9999 has no
+                # UTC value to compare receive times with.
+                as_of.moment.astimezone(UTC)
         except InvalidAsOf as error:
             self.fail(str(error), param, ctx)
+        except OverflowError:
+            self.fail(f"{value!r} is out of the range of dates", param, ctx)
+        return as_of
 
 
 @click.command("replay")
-@click.argument("order_id")
-@click.option("--upc", default=None, help="Only this item of the order.")
+@click.argument("order_id", type=TEXT)
+@click.option("--upc", type=TEXT, default=None, help="Only this item of the order.")
 @click.option("--mode", type=_MODES, default="live", show_default=True)
 @click.option(
     "--as-of",
@@ -235,12 +243,10 @@ def _step_json(step: ReplayStep, findings: list[Finding]) -> str:
 @click.option(
     "--mode", type=_MODES, default=None, help="Only this mode; both if unset."
 )
-@click.option(
-    "--from-position", type=click.IntRange(min=1), default=1, show_default=True
-)
+@click.option("--from-position", type=POSITION, default=1, show_default=True)
 @click.option(
     "--to-position",
-    type=click.IntRange(min=1),
+    type=POSITION,
     default=None,
     help="Default, and at most: the settled position, below which the log can "
     "no longer change.",

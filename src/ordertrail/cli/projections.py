@@ -19,7 +19,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ordertrail.cli.common import load_settings, with_connection, with_connections
+from ordertrail.cli.common import (
+    POSITION,
+    TEXT,
+    VERSION,
+    load_settings,
+    with_connection,
+    with_connections,
+)
 from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.store import EventStore
@@ -31,7 +38,7 @@ from ordertrail.projections.status import ProjectionStatus, statuses
 
 __all__ = ["projections"]
 
-NAME = click.argument("name", default=PROJECTION_NAME, required=False)
+NAME = click.argument("name", type=TEXT, default=PROJECTION_NAME, required=False)
 
 
 @click.group()
@@ -211,15 +218,17 @@ async def _build(
 
 @projections.command("skip")
 @NAME
-@click.option("--position", type=int, required=True, help="The event to pass over.")
+@click.option(
+    "--position", type=POSITION, required=True, help="The event to pass over."
+)
 @click.option(
     "--version",
     "version_number",
-    type=int,
+    type=VERSION,
     default=None,
     help="Default: the version that stopped on that position.",
 )
-@click.option("--reason", default="", help="Kept with the skip.")
+@click.option("--reason", type=TEXT, default="", help="Kept with the skip.")
 def skip(name: str, position: int, version_number: int | None, reason: str) -> None:
     """Pass over an event a version's code cannot apply, and resume it."""
 
@@ -241,7 +250,7 @@ def skip(name: str, position: int, version_number: int | None, reason: str) -> N
 @click.option(
     "--version",
     "version_number",
-    type=int,
+    type=VERSION,
     default=None,
     help="Default: the served version.",
 )

@@ -7,7 +7,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from ordertrail.cli.common import load_settings, with_connection
+from ordertrail.cli.common import COUNT, QUARANTINE_ID, load_settings, with_connection
 from ordertrail.db.connection import Connection
 from ordertrail.domain.vocabulary import Vocabulary
 from ordertrail.eventstore.store import EventStore
@@ -29,7 +29,7 @@ def quarantine() -> None:
     is_flag=True,
     help="Include deliveries already released into the log.",
 )
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", type=COUNT, default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def list_quarantine(include_released: bool, limit: int, as_json: bool) -> None:
     """List quarantined deliveries, oldest first."""
@@ -55,7 +55,7 @@ def list_quarantine(include_released: bool, limit: int, as_json: bool) -> None:
 
 
 @quarantine.command("show")
-@click.argument("quarantine_id", type=int)
+@click.argument("quarantine_id", type=QUARANTINE_ID)
 def show_quarantine(quarantine_id: int) -> None:
     """Show one quarantined delivery with its raw body."""
     found = with_connection(load_settings(), lambda c: held.show(c, quarantine_id))
@@ -66,7 +66,7 @@ def show_quarantine(quarantine_id: int) -> None:
 
 
 @quarantine.command("retry")
-@click.argument("quarantine_ids", type=int, nargs=-1)
+@click.argument("quarantine_ids", type=QUARANTINE_ID, nargs=-1)
 @click.option("--all", "retry_all", is_flag=True, help="Retry every open one.")
 def retry_quarantine(quarantine_ids: tuple[int, ...], retry_all: bool) -> None:
     """Read quarantined deliveries again; append those that now read as webhooks."""
