@@ -2,8 +2,9 @@
 
 Every line is one event with a dotted name (``webhook.accepted``) and
 key-value fields. A processor drops any field whose name suggests a secret
-and masks anything that looks like one of ordertrail's own secrets, so a
-careless ``log.info(..., headers=...)`` cannot leak a token.
+and masks anything that looks like one of ordertrail's own secrets or like
+the password in a URL, so a careless ``log.info(..., headers=...)`` cannot
+leak a token, nor an error message quoting a database URL its password.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ _SECRET_FIELD = re.compile(
     r"token|secret|password|authorization|api_key|apikey|cookie", re.IGNORECASE
 )
 _SECRET_VALUE = re.compile(r"\bot[wk]_[A-Za-z0-9_-]{8,}")
+# The password of a URL's user information (a database URL in an error
+# message): up to the last "@" before the host, since a password may hold one.
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][\w+.-]*://[^/\s:@]*):[^/\s]*@")
 _ALLOWED_FIELDS = frozenset({"token_id"})
 
 
@@ -51,7 +55,7 @@ def _scrub(key: object, value: Any, *, depth: int) -> Any:  # noqa: PLR0911 - on
     ):
         return _REDACTED
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(_REDACTED, value) if "ot" in value else value
+        return _scrub_text(value)
     if isinstance(value, bytes):
         return _scrub(key, value.decode("latin-1"), depth=depth)
     if depth >= _DEEPEST:
@@ -60,6 +64,14 @@ def _scrub(key: object, value: Any, *, depth: int) -> Any:  # noqa: PLR0911 - on
         return {k: _scrub(k, v, depth=depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return _scrub_sequence(value, depth=depth + 1)
+    return value
+
+
+def _scrub_text(value: str) -> str:
+    if "ot" in value:
+        value = _SECRET_VALUE.sub(_REDACTED, value)
+    if "://" in value:
+        value = _URL_PASSWORD.sub(rf"\1:{_REDACTED}@", value)
     return value
 
 
