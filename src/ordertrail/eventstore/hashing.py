@@ -21,12 +21,16 @@ Anyone holding an export can recompute every chain with this description.
 from __future__ import annotations
 
 import hashlib
+import struct
 from datetime import UTC, datetime
 
 __all__ = ["GENESIS", "canonical", "chain_hash", "format_received_at"]
 
 GENESIS = bytes(32)
 _TAG = b"ordertrail.event.v1"
+_length = struct.Struct(">I").pack
+"""A field's length as 4 bytes, big-endian."""
+_FRAMED_TAG = _length(len(_TAG)) + _TAG
 
 
 def format_received_at(received_at: datetime) -> str:
@@ -46,18 +50,37 @@ def canonical(
     received_at: datetime,
 ) -> bytes:
     """Return the canonical encoding of an event (see the module docstring)."""
-    fields = (
-        _TAG,
+    # One join of the framed fields: each event of every delivery is hashed.
+    mode_, order_, upc_, version_, type_, status_, received_ = (
         mode.encode(),
         order_id.encode(),
         upc.encode(),
         str(version).encode(),
         event_type.encode(),
         raw_status.encode(),
-        raw_body,
         format_received_at(received_at).encode(),
     )
-    return b"".join(len(field).to_bytes(4, "big") + field for field in fields)
+    return b"".join(
+        (
+            _FRAMED_TAG,
+            _length(len(mode_)),
+            mode_,
+            _length(len(order_)),
+            order_,
+            _length(len(upc_)),
+            upc_,
+            _length(len(version_)),
+            version_,
+            _length(len(type_)),
+            type_,
+            _length(len(status_)),
+            status_,
+            _length(len(raw_body)),
+            raw_body,
+            _length(len(received_)),
+            received_,
+        )
+    )
 
 
 def chain_hash(previous_hash: bytes, canonical_event: bytes) -> bytes:
