@@ -362,20 +362,8 @@ async def test_a_nul_in_a_path_is_a_bad_request(hostile: Hostile, path: str) -> 
         ("/v1/items", {"order_id": "a\u0000b"}),
         ("/v1/items", {"cursor": encode_cursor("items", "\u0000", "")}),
         ("/v1/items", {"cursor": encode_cursor("items", "x", "\u0000")}),
-        ("/v1/items", {"updated_after": "9999-12-31T23:59:59-23:59"}),
-        ("/v1/items", {"updated_after": "0001-01-01T00:00:00+23:59"}),
-        ("/v1/orders/x", {"as_of": "9999-12-31T23:59:59-23:59"}),
-        ("/v1/orders/x/items/y", {"as_of": "0001-01-01T00:00:00+23:59"}),
     ],
-    ids=[
-        "nul-order-filter",
-        "nul-in-cursor-order",
-        "nul-in-cursor-upc",
-        "date-past-9999",
-        "date-before-1",
-        "as-of-past-9999",
-        "as-of-before-1",
-    ],
+    ids=["nul-order-filter", "nul-in-cursor-order", "nul-in-cursor-upc"],
 )
 async def test_a_value_no_stored_one_can_equal_is_a_bad_request(
     hostile: Hostile, path: str, params: dict[str, str]
@@ -389,6 +377,10 @@ async def test_a_value_no_stored_one_can_equal_is_a_bad_request(
     ("path", "params", "parameter"),
     [
         ("/v1/items", {"cursor": "'; DROP TABLE events; --"}, "cursor"),
+        ("/v1/items", {"updated_after": "9999-12-31T23:59:59-23:59"}, "updated_after"),
+        ("/v1/items", {"updated_after": "0001-01-01T00:00:00+23:59"}, "updated_after"),
+        ("/v1/orders/x", {"as_of": "9999-12-31T23:59:59-23:59"}, "as_of"),
+        ("/v1/orders/x/items/y", {"as_of": "0001-01-01T00:00:00+23:59"}, "as_of"),
         ("/v1/items", {"cursor": "%"}, "cursor"),
         ("/v1/items", {"cursor": encode_cursor("changes", 1, 2)}, "cursor"),
         ("/v1/changes", {"after": "' OR 1=1 --"}, "after"),

@@ -310,3 +310,21 @@ async def test_a_client_cannot_pick_its_address_through_a_trusted_proxy(
         ]
 
     assert statuses == [401, 401, 401, 429]
+
+
+@pytest.mark.parametrize("claimed", ["198.51.100.7\x00", "198.51.100.7\x1b[31m", "\x7f"])
+async def test_a_forwarded_address_that_is_no_address_names_the_peer(
+    database_url: str, pool: asyncpg.Pool, claimed: str
+) -> None:
+    # The delivery is authenticated: it is stored, with the peer's address
+    # rather than characters no address has.
+    settings = {**_FAILURES, "trusted_client_header": FORWARDED}
+    async with limited(database_url, pool, **settings) as service:
+        order_id = new_order_id()
+        response = await deliver(
+            service, service.token, order_id, **{FORWARDED: claimed}
+        )
+
+    assert response.status_code == 202, response.text
+    [event] = await stored_events(pool, order_id)
+    assert event["client_address"] == "testclient"

@@ -20,6 +20,7 @@ from ordertrail.api.parameters import (
     StateFilter,
     UpdatedAfter,
     Wait,
+    in_utc,
 )
 from ordertrail.api.security import access
 from ordertrail.api.services import Services
@@ -171,7 +172,9 @@ async def items(
     filters: dict[str, object] = {
         "state": lifecycle_state.value if lifecycle_state else None,
         "fulfilment": kind.value if kind is not None else None,
-        "updated_at": updated_after,
+        "updated_at": (
+            in_utc(updated_after, "updated_after") if updated_after else None
+        ),
         "order_id": order_id,
     }
     async with services.reads.acquire() as connection:

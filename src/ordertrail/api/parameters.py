@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from litestar.params import Parameter, QueryParameter
 
+from ordertrail.api.problems import ProblemError
 from ordertrail.domain.item import ItemState
 from ordertrail.domain.vocabulary import Fulfilment
 
@@ -20,6 +21,7 @@ __all__ = [
     "StateFilter",
     "UpdatedAfter",
     "Wait",
+    "in_utc",
 ]
 
 LONGEST_WAIT = 30.0
@@ -56,3 +58,22 @@ UpdatedAfter = Annotated[
     Parameter(description="Only items whose view changed after this RFC 3339 time."),
 ]
 OrderFilter = Annotated[str | None, Parameter(description="Only this order's items.")]
+
+
+def in_utc(moment: datetime, parameter: str) -> datetime:
+    """Return ``moment`` in UTC, or answer 400 naming ``parameter``.
+
+    A valid local time with an offset can fall outside the years 1 to 9999
+    once moved to UTC, where times are compared and stored.
+    """
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo is not None else moment
+    except OverflowError:
+        raise ProblemError(
+            400,
+            "invalid-parameter",
+            "A request parameter is not valid",
+            f"{parameter}: {moment.isoformat()} falls outside the years 1 to 9999 "
+            "in UTC",
+            parameter=parameter,
+        ) from None

@@ -35,7 +35,11 @@ def client_address(
     if trusted_header:
         forwarded = connection.headers.get(trusted_header)
         if forwarded:
-            return forwarded.rsplit(",", 1)[-1].strip()[:64]
+            address = forwarded.rsplit(",", 1)[-1].strip()[:64]
+            # An address is printable ASCII; anything else is not one, and
+            # would not even store (a NUL), so the peer is named instead.
+            if address.isascii() and address.isprintable():
+                return address
     return connection.client.host if connection.client else "unknown"
 
 

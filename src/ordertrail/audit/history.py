@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 from eventsourcing.domain import OriginatorVersionError
@@ -83,6 +83,13 @@ def parse_as_of(text: str) -> AsOf:
         moment = datetime.fromisoformat(value)
     except ValueError as error:
         raise InvalidAsOf(f"{text!r} is not a valid timestamp: {error}") from None
+    try:
+        # Stored times are UTC; an offset can carry a valid local time past
+        # the years a timestamp can hold.
+        moment.astimezone(UTC)
+    except OverflowError:
+        msg = f"{text!r} falls outside the years 1 to 9999 in UTC"
+        raise InvalidAsOf(msg) from None
     return AsOf(text=text, moment=moment)
 
 
