@@ -191,10 +191,48 @@ def _on_http(request: Request[Any, Any, Any], error: HTTPException) -> Response[
     )
 
 
+# What a handler meets when the database is out of reach: the server down,
+# restarting or refusing connections, or a pooled connection it closed (which
+# asyncpg reports as an InternalClientError when the server ended the session
+# a moment before, while it sat idle). Reads and credential look-ups do not
+# catch these one by one.
+_DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+def _on_unavailable(
+    request: Request[Any, Any, Any], error: Exception
+) -> Response[bytes]:
+    # Said as a webhook says it: 503 and Retry-After, so a client waits and
+    # tries again while the service reconnects by itself, instead of a 500
+    # that reads as a fault in the request or the code.
+    log.warning(
+        "request.database_unavailable",
+        request_id=_request_id(request),
+        error=type(error).__name__,
+        detail=str(error),
+    )
+    return problem_response(
+        503,
+        "unavailable",
+        "The database cannot be reached; retry",
+        headers={"Retry-After": "1"},
+        request_id=_request_id(request),
+    )
+
+
 exception_handlers: dict[Any, Any] = {
     ProblemError: _on_problem,
     ValidationException: _on_validation,
     NotAuthorizedException: _on_unauthorized,
     HTTPException: _on_http,
     asyncpg.DataError: _on_unusable_value,
+    **dict.fromkeys(_DATABASE_UNAVAILABLE, _on_unavailable),
 }

@@ -44,6 +44,17 @@ log = structlog.get_logger("ordertrail.auth")
 
 CREDENTIALS_CHANNEL = "ordertrail_credentials"
 
+# A reload that raises one of these could not reach the database. (asyncpg
+# raises InternalClientError for a query on a connection the server ended a
+# moment before, while it sat idle.)
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+_RELOAD_RETRY_SECONDS = 1.0
+
 
 class CredentialKind(enum.StrEnum):
     """What a credential opens."""
@@ -239,6 +250,20 @@ class CredentialCache:
             self._entries = entries
             self._loaded_at = time.monotonic()
 
+    async def _reload_or_keep(self) -> None:
+        try:
+            await self.reload()
+        except _UNAVAILABLE as error:
+            # With the database out of reach, what was loaded is still the
+            # best answer: refusing every credential, or failing every check,
+            # would turn an outage into 401s or 500s. A delivery with a valid
+            # token goes on to the writer and answers 503, so Locally retries.
+            # The next attempt waits a moment rather than come with each check.
+            self._loaded_at = (
+                time.monotonic() - self._refresh_interval + _RELOAD_RETRY_SECONDS
+            )
+            log.warning("credentials.reload_failed", error=str(error))
+
     def invalidate(self) -> None:
         """Make the next check reload (a change was announced)."""
         self._loaded_at = 0.0
@@ -251,7 +276,7 @@ class CredentialCache:
             return None
         age = time.monotonic() - self._loaded_at
         if age > self._refresh_interval:
-            await self.reload()
+            await self._reload_or_keep()
         found = self._match(presented, kind)
         if found is None and self._misses.take("miss") is None:
             found = await self._look_up(presented, kind)

@@ -21,6 +21,19 @@ __all__ = ["Listener", "PositionSignal"]
 
 log = structlog.get_logger("ordertrail.notifications")
 
+# What a lost or refused connection raises, at connect or on the open
+# connection. InternalClientError is among them: when the server ends a
+# session while it is idle (a fast shutdown, a terminated backend), asyncpg
+# refuses the next query with it until it notices the socket closed. Any of
+# these must send the loop round to reconnect; one let through would end the
+# listener, and with it every wake-up, for the life of the process.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 Handler = Callable[[str | None], None]
 """Called with a notification's payload, or ``None`` after a reconnect."""
 
@@ -54,13 +67,13 @@ class Listener:
         while True:
             try:
                 connection = await connect(self._dsn)
-            except (OSError, asyncpg.PostgresError) as error:
+            except _UNAVAILABLE as error:
                 log.warning("listener.unavailable", error=str(error))
                 await asyncio.sleep(self._retry_delay)
                 continue
             try:
                 await self._listen(connection)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            except _UNAVAILABLE as error:
                 log.warning("listener.disconnected", error=str(error))
             finally:
                 self.connected.clear()

@@ -131,7 +131,16 @@ class FeedHead:
             try:
                 await self._until_replayed()
                 await self._refresh_until_moved()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # InternalClientError is what asyncpg raises for a query on a
+            # connection the server has just ended while it sat idle (a fast
+            # shutdown): let through, it would end this task, and no long
+            # poll would be woken again until the process restarts.
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+            ) as error:
                 log.warning("feed.refresh_failed", error=str(error))
                 await asyncio.sleep(1.0)
 

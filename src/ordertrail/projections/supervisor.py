@@ -30,7 +30,18 @@ __all__ = ["RunnerSupervisor", "runner_lock_sql"]
 
 log = structlog.get_logger("ordertrail.projections")
 
-_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# What a lost or refused connection raises. InternalClientError is among them:
+# when the server ends a session while it is idle (a fast shutdown, a
+# terminated backend), asyncpg takes the unexpected error into a state that
+# refuses the next query with it, until it notices the socket closed. Any of
+# these leaves the loop to reconnect; letting one through would end the
+# election for good in this process.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
 
 
 def runner_lock_sql(function: str = "pg_try_advisory_lock") -> str:
