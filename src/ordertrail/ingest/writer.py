@@ -1,9 +1,10 @@
 """Group commit: many deliveries, one transaction, each answered after commit.
 
-Requests hand their delivery to the writer and wait. The writer takes what
+Requests hand their delivery to the writer and wait. A committer takes what
 is queued (waiting up to ``commit_delay`` for more, at most ``batch_size``),
 appends it in one transaction that also updates the served item view,
-commits, and only then resolves each request. A failure before the commit
+commits, and only then resolves each request; two committers work at once,
+so one batch gathers while another waits on the database. A failure before the commit
 fails every request of the batch, so each answers 503 and Locally retries;
 nothing is acknowledged that is not durable. (The projection's checkpoint is
 moved by its runner, which reads the log below the snapshot horizon.)
