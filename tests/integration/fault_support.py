@@ -46,6 +46,7 @@ from tests.integration.projection_support import (
     Service,
     environment,
     free_port,
+    served_version,
     whole_log,
 )
 from tests.support import WEBHOOK_PATH, new_order_id, stream_chain_errors, webhook_body
@@ -54,6 +55,7 @@ __all__ = [
     "LIFECYCLES",
     "LOCALLY_RETRY_DELAYS",
     "Attempt",
+    "Load",
     "Webhook",
     "acknowledgement_faults",
     "log_tail",
@@ -61,6 +63,7 @@ __all__ = [
     "plan_webhooks",
     "post_once",
     "redeliver",
+    "runner_at_head",
     "runner_holders",
     "sending",
     "service_owning",
@@ -87,6 +90,8 @@ class Attempt:
     """One POST of a webhook and what came back."""
 
     request_id: str
+    target: str
+    """The base URL of the service it was posted to."""
     sent_at: float
     """``time.monotonic()`` when the request left."""
     answered_at: float
@@ -218,6 +223,19 @@ def log_tail(log: Path, characters: int = 3000) -> str:
 # Sending -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Load:
+    """Senders at work."""
+
+    stop: asyncio.Event
+    """Set it to have the senders take no new webhook."""
+    tasks: list[asyncio.Task[None]]
+
+    async def finished(self) -> None:
+        """Wait until every webhook was sent, and retried as far as it takes."""
+        await asyncio.gather(*self.tasks)
+
+
 @contextlib.asynccontextmanager
 async def sending(
     webhooks: Sequence[Webhook],
@@ -228,15 +246,15 @@ async def sending(
     retry_delays: Sequence[float] = (),
     answer_within: float = 10.0,
     on_answer: Callable[[Attempt], None] | None = None,
-) -> AsyncIterator[asyncio.Event]:
+) -> AsyncIterator[Load]:
     """Send ``webhooks`` from ``clients`` concurrent senders while the body runs.
 
     Each attempt goes to the next of ``targets`` (base URLs), round robin.
-    Yields an event: setting it stops the senders taking new webhooks; the
-    ones in flight finish (their retries too). On the way out the senders are
-    awaited, for ``answer_within`` (each request's bound) plus the retry
-    delays at most. ``on_answer`` sees each attempt as soon as it is over,
-    before any other sender runs.
+    The body gets the senders' ``Load``. On the way out they stop taking new
+    webhooks; the ones in flight finish (their retries too) and are awaited,
+    for ``answer_within`` (each request's bound) plus the retry delays at
+    most. ``on_answer`` sees each attempt as soon as it is over, before any
+    other sender runs.
     """
     queue: asyncio.Queue[Webhook] = asyncio.Queue()
     for webhook in webhooks:
@@ -258,7 +276,7 @@ async def sending(
 
         tasks = [asyncio.create_task(sender()) for _ in range(clients)]
         try:
-            yield stop
+            yield Load(stop, tasks)
         finally:
             stop.set()
             bound = answer_within + sum(retry_delays) + 10.0
@@ -329,7 +347,7 @@ async def post_once(
         )
     except httpx.TransportError as error:
         return Attempt(
-            request_id, sent_at, time.monotonic(), None, None, None, repr(error)
+            request_id, target, sent_at, time.monotonic(), None, None, None, repr(error)
         )
     document = None
     with contextlib.suppress(msgspec.DecodeError):
@@ -337,6 +355,7 @@ async def post_once(
         document = decoded if isinstance(decoded, dict) else None
     return Attempt(
         request_id,
+        target,
         sent_at,
         time.monotonic(),
         answer.status_code,
@@ -370,6 +389,26 @@ async def runner_holders(
     backend and the client port of the connection that holds it.
     """
     return await pool.fetch(_RUNNER_HOLDERS, projection)
+
+
+async def runner_at_head(pool: asyncpg.Pool) -> bool:
+    """Whether the served version's checkpoint is at the last event of the log.
+
+    The last event in the runners' read order, (transaction id, position),
+    is not always the highest position: with appends in flight at once, a
+    transaction can draw the higher positions and still take the lower
+    transaction id, and so come earlier in that order.
+    """
+    last = await pool.fetchrow(
+        "SELECT transaction_id, position FROM events "
+        "ORDER BY transaction_id DESC, position DESC LIMIT 1"
+    )
+    served = await served_version(pool)
+    assert last is not None
+    return (served.checkpoint_xid, served.checkpoint_position) == (
+        last["transaction_id"],
+        last["position"],
+    )
 
 
 def service_owning(services: Sequence[Service], port: int) -> list[Service]:

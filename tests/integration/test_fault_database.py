@@ -53,6 +53,7 @@ from tests.integration.fault_support import (
     logged_events,
     plan_webhooks,
     post_once,
+    runner_at_head,
     runner_holders,
     sending,
     serving,
@@ -436,12 +437,10 @@ async def _runner_catches_up(pool: asyncpg.Pool, log: Path) -> float:
     """Seconds until the served version's checkpoint reaches the head of the log."""
     await settle(pool)
 
-    async def at_head() -> bool:
-        head = await pool.fetchval("SELECT max(position) FROM events")
-        return bool((await served_version(pool)).checkpoint_position == head)
-
     try:
-        return await until(at_head, "the runner reaching the head", within=20)
+        return await until(
+            lambda: runner_at_head(pool), "the runner reaching the head", within=20
+        )
     except pytest.fail.Exception:
         pytest.fail(f"the runner did not catch up: {log_tail(log)}")
 

@@ -75,8 +75,8 @@ async def test_kill_under_load_loses_nothing_acknowledged_and_retries_land_once(
         crash = _Crash(service)
         async with sending(
             webhooks, [service.base_url], token, on_answer=crash.count
-        ) as stop:
-            crash.stop = stop
+        ) as load:
+            crash.stop = load.stop
             await crash.wait(own.url, webhooks, within=60)
         await asyncio.wait_for(service.process.wait(), 10)
 
