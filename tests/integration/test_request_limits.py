@@ -312,7 +312,9 @@ async def test_a_client_cannot_pick_its_address_through_a_trusted_proxy(
     assert statuses == [401, 401, 401, 429]
 
 
-@pytest.mark.parametrize("claimed", ["198.51.100.7\x00", "198.51.100.7\x1b[31m", "\x7f"])
+@pytest.mark.parametrize(
+    "claimed", ["198.51.100.7\x00", "198.51.100.7\x1b[31m", "\x7f"]
+)
 async def test_a_forwarded_address_that_is_no_address_names_the_peer(
     database_url: str, pool: asyncpg.Pool, claimed: str
 ) -> None:

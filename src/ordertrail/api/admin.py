@@ -42,7 +42,7 @@ class AdminController(Controller):
         "/quarantine",
         summary="Authenticated deliveries that were not readable",
         security=API_KEY,
-        responses=problems(400, 401, 403, 429),
+        responses=problems(400, 401, 403, 429, 503),
     )
     async def quarantine(
         self,
@@ -65,7 +65,7 @@ class AdminController(Controller):
         "/projections",
         summary="Projection versions: state, checkpoint, head, lag, last error",
         security=API_KEY,
-        responses=problems(401, 403, 429),
+        responses=problems(401, 403, 429, 503),
     )
     async def projections(self, request: Request[Any, Any, Any]) -> ProjectionsPage:
         """Show what ``ordertrail projections status`` shows."""

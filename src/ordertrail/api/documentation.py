@@ -39,7 +39,7 @@ _MEANINGS = {
     413: "The body is over the size limit; its first part is kept in quarantine.",
     422: "Not a Locally payload; the body is kept in quarantine.",
     429: "Too many requests; wait as long as Retry-After says.",
-    503: "Nothing was stored; retry.",
+    503: "The database is out of reach: nothing was stored; retry.",
 }
 
 

@@ -67,7 +67,7 @@ def _view(row: Any) -> ItemView:
     summary="Items changed after a cursor (long polling with wait)",
     opt=access(Role.READER),
     security=API_KEY,
-    responses=problems(400, 401, 403, 429),
+    responses=problems(400, 401, 403, 429, 503),
 )
 async def changes(
     request: Request[Any, Any, Any],
@@ -147,7 +147,7 @@ async def _changed_after(
     summary="Items matching filters, with keyset pagination",
     opt=access(Role.READER),
     security=API_KEY,
-    responses=problems(400, 401, 403, 429),
+    responses=problems(400, 401, 403, 429, 503),
 )
 async def items(
     request: Request[Any, Any, Any],

@@ -34,7 +34,7 @@ __all__ = ["metrics"]
     summary="Prometheus metrics",
     opt=access(Role.ADMIN),
     security=API_KEY,
-    responses=problems(401, 403, 429),
+    responses=problems(401, 403, 429, 503),
     media_type=CONTENT_TYPE_LATEST,
 )
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:

@@ -130,7 +130,7 @@ class OrdersController(Controller):
         summary="An order with all its items",
         response_headers=_VALIDATOR_HEADERS,
         security=API_KEY,
-        responses=problems(304, 400, 401, 403, 404, 429),
+        responses=problems(304, 400, 401, 403, 404, 429, 503),
     )
     async def order(
         self,
@@ -176,7 +176,7 @@ class OrdersController(Controller):
         summary="One item of an order",
         response_headers=_VALIDATOR_HEADERS,
         security=API_KEY,
-        responses=problems(304, 400, 401, 403, 404, 429),
+        responses=problems(304, 400, 401, 403, 404, 429, 503),
         opt=revalidating(current_item_tag),
     )
     async def item(
@@ -221,7 +221,7 @@ class OrdersController(Controller):
         summary="An order's full event history",
         opt=access(Role.AUDITOR),
         security=API_KEY,
-        responses=problems(400, 401, 403, 404, 429),
+        responses=problems(400, 401, 403, 404, 429, 503),
     )
     async def events(
         self,
