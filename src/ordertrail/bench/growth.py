@@ -387,7 +387,9 @@ async def _round(log: Log, options: argparse.Namespace, bodies: list[bytes]) -> 
         path=target.path,
         token=log.database.token,
     )
-    log.runs[_INGEST].append(await measure_ingest(target, requests, options))
+    log.runs[_INGEST].append(
+        await measure_ingest(target, requests, options, log.database.name)
+    )
     if not log.items:
         # Chosen after the first deliveries, so that the empty log has items.
         log.items = await _item_requests(log, options.items)

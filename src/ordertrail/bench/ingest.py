@@ -39,6 +39,7 @@ from ordertrail.bench.database import (
     find_server,
 )
 from ordertrail.bench.load import LoadResult, run_load
+from ordertrail.bench.log import LogShape, build_served_view, generate_log
 from ordertrail.bench.machine import (
     CpuSample,
     CpuUsage,
@@ -63,6 +64,7 @@ from ordertrail.bench.workload import (
     build_requests,
     webhook_bodies,
 )
+from ordertrail.db.connection import connect
 from ordertrail.lib.logging import configure_logging
 
 __all__ = ["Target", "benchmark", "main"]
@@ -85,6 +87,8 @@ class Target:
     path: str
     table: str | None
     """Where its accepted deliveries end up, to check the count against."""
+    preloaded: int = 0
+    """Rows the table held before the run."""
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,6 +116,13 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="unmeasured seconds before each measurement (default 2)",
     )
     parser.add_argument(
+        "--log-events",
+        type=int,
+        default=100_000,
+        help="events of a generated log in the service's database before the run "
+        "(default 100,000; 0 for an empty database)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=1,
@@ -132,13 +143,21 @@ def _progress(message: str) -> None:
 
 
 async def measure(
-    target: Target, requests: Sequence[bytes], options: argparse.Namespace
+    target: Target,
+    requests: Sequence[bytes],
+    options: argparse.Namespace,
+    database: str | None = None,
 ) -> tuple[LoadResult, CpuUsage]:
-    """Load one target for one round; return its figures and the CPU it took."""
+    """Load one target for one round; return its figures and the CPU it took.
+
+    With ``database``, PostgreSQL's CPU is that of its backends (and of the
+    server's shared processes) alone, not that of other databases' tests.
+    """
     samples: list[tuple[float, CpuSample]] = []
 
     def sample() -> None:
-        samples.append((time.perf_counter(), sample_cpu(target.server.process.pid)))
+        pid = target.server.process.pid
+        samples.append((time.perf_counter(), sample_cpu(pid, database)))
 
     result = await run_load(
         HOST,
@@ -161,10 +180,36 @@ async def _check(
     return Check(
         target=target.name,
         table=target.table,
-        stored=await count_rows(database.url, target.table),
+        stored=await count_rows(database.url, target.table) - target.preloaded,
         accepted=sum(result.total_accepted for result, _ in runs),
         unanswered=sum(result.unanswered for result, _ in runs),
     )
+
+
+async def _preload(database: BenchDatabase, events: int) -> tuple[int, int]:
+    """Give the service's database a log, as a database in service has.
+
+    A fresh database has empty tables and no statistics: PostgreSQL's plans
+    for the service's joins, made and kept by the prepared statements while
+    the tables are empty, go on scanning them whole as they grow, until the
+    autovacuum analyses them a minute later. Measuring that first minute
+    would measure the planner's guess, not the service. The generated log is
+    analysed, and its item view built as a rebuild builds it.
+
+    Returns the events and the transactions that wrote them.
+    """
+    if events <= 0:
+        return 0, 0
+    _progress(f"loading a generated log of {events:,} events")
+    connection = await connect(database.url)
+    reader = await connect(database.url)
+    try:
+        generated = await generate_log(connection, LogShape(events=events))
+        await build_served_view(connection, reader)
+    finally:
+        await reader.close()
+        await connection.close()
+    return generated.events, generated.transactions
 
 
 async def benchmark(options: argparse.Namespace) -> Report:
@@ -173,6 +218,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
         server_url, source = await stack.enter_async_context(find_server())
         database = await stack.enter_async_context(bench_database(server_url))
         _progress(f"database {describe_url(database.url)} ({source})")
+        preloaded, preloading = await _preload(database, options.log_events)
 
         environment = {
             "ORDERTRAIL_DATABASE_URL": database.url,
@@ -192,7 +238,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
         targets = [
             Target("ceiling: HTTP only", baseline, "/http-only", None),
             Target(BASELINE, baseline, "/webhooks/locally", BASELINE_TABLE),
-            Target(SUBJECT, ordertrail, "/webhooks/locally", "events"),
+            Target(SUBJECT, ordertrail, "/webhooks/locally", "events", preloaded),
         ]
         bodies = webhook_bodies()
         requests = {
@@ -209,7 +255,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
             for target in targets:
                 _progress(f"round {round_number}/{options.rounds}: {target.name}")
                 runs[target.name].append(
-                    await measure(target, requests[target.name], options)
+                    await measure(target, requests[target.name], options, database.name)
                 )
 
         checks = [
@@ -221,7 +267,8 @@ async def benchmark(options: argparse.Namespace) -> Report:
             machine=describe_machine(database.server_version),
             database=(
                 f"{describe_url(database.url)} ({source}), created for this run "
-                "and dropped after it"
+                f"and dropped after it; it held a generated log of {preloaded:,} "
+                "events, analysed, with its item view, before the first delivery"
             ),
             server_command=f"granian {' '.join(GRANIAN_OPTIONS)}",
             applications=f"{SUBJECT}: {ORDERTRAIL_APP}, the others: {BASELINE_APP}",
@@ -238,7 +285,7 @@ async def benchmark(options: argparse.Namespace) -> Report:
             ],
             subject=SUBJECT,
             checks=checks,
-            commits=await count_transactions(database.url),
+            commits=await count_transactions(database.url) - preloading,
             peak_rss={
                 SUBJECT: peak_memory(ordertrail.process.pid),
                 "baseline": peak_memory(baseline.process.pid),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass
 from importlib import metadata
@@ -157,8 +158,8 @@ class CpuSample:
     """Ticks of the server process and all its descendants."""
     server_threads: dict[int, ThreadTime]
     """Each thread of the server and its descendants, by thread id."""
-    postgres: int
-    """Ticks of every process named ``postgres`` (server and backends)."""
+    postgres: dict[int, int]
+    """Ticks of each PostgreSQL process counted, by pid (see ``sample_cpu``)."""
     busy: int
     """Machine-wide ticks not idle and not waiting on I/O."""
     pressure: int
@@ -187,8 +188,15 @@ class CpuUsage:
     """Share of the window in which some task on the machine waited for a CPU."""
 
 
-def sample_cpu(server_pid: int) -> CpuSample:
-    """Read the cumulative CPU counters of the server tree, PostgreSQL and machine."""
+def sample_cpu(server_pid: int, database: str | None = None) -> CpuSample:
+    """Read the cumulative CPU counters of the server tree, PostgreSQL and machine.
+
+    With ``database``, PostgreSQL's figure leaves out the backends (and
+    autovacuum workers) of other databases: on a shared server, other people's
+    tests would count as the target's. The postmaster and its background
+    processes (WAL writer, checkpointer and the like) serve every database and
+    are always counted.
+    """
     processes = _processes()
     children: dict[int, list[int]] = {}
     for pid, (parent, _, _) in processes.items():
@@ -204,7 +212,11 @@ def sample_cpu(server_pid: int) -> CpuSample:
             threads.update(_thread_times(pid))
         pending.extend(children.get(pid, ()))
 
-    postgres = sum(ticks for _, name, ticks in processes.values() if name == "postgres")
+    postgres = {
+        pid: ticks
+        for pid, (_, name, ticks) in processes.items()
+        if name == "postgres" and (database is None or _serves(pid, database))
+    }
     return CpuSample(
         server=server,
         server_threads=threads,
@@ -236,7 +248,12 @@ def cpu_usage(before: CpuSample, after: CpuSample, seconds: float) -> CpuUsage:
         server=(after.server - before.server) / ticks,
         loop=loop.running / nanoseconds,
         loop_waiting=loop.waiting / nanoseconds,
-        postgres=(after.postgres - before.postgres) / ticks,
+        # Per process, so that a backend that ended in between subtracts
+        # nothing; one that started counts all it used.
+        postgres=sum(
+            used - before.postgres.get(pid, 0) for pid, used in after.postgres.items()
+        )
+        / ticks,
         machine=(after.busy - before.busy) / ticks,
         pressure=(after.pressure - before.pressure) / (seconds * 1e6),
     )
@@ -262,6 +279,42 @@ def _processes() -> dict[int, tuple[int, str, int]]:
             int(fields[11]) + int(fields[12]),
         )
     return found
+
+
+# What a process is doing, after "postgres:" and the cluster's name if set.
+_TITLE = re.compile(r"postgres: (?:[^ :]+: )?(.*)")
+# Titles of PostgreSQL's own processes, which work for every database.
+_SHARED_TITLES = (
+    "checkpointer",
+    "background writer",
+    "walwriter",
+    "autovacuum launcher",
+    "logical replication launcher",
+    "archiver",
+    "stats collector",
+)
+
+
+def _serves(pid: int, database: str) -> bool:
+    """Return whether PostgreSQL process ``pid`` works for ``database``.
+
+    A backend's title reads ``postgres: <cluster>: <user> <database> <client>
+    <activity>``, an autovacuum worker's ``...: autovacuum worker <database>``.
+    """
+    try:
+        command = (_PROC / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return False
+    title = _TITLE.match(command.replace(b"\0", b" ").decode("utf-8", "replace"))
+    if title is None:
+        return True  # the postmaster
+    activity = title.group(1)
+    if activity.startswith(_SHARED_TITLES):
+        return True
+    words = activity.split()
+    if activity.startswith("autovacuum worker"):
+        return words[-1:] == [database]
+    return len(words) >= 2 and words[1] == database
 
 
 def _thread_times(pid: int) -> dict[int, ThreadTime]:

@@ -286,7 +286,10 @@ MEASUREMENT_LEGEND = "\n".join(
         "accepted request.",
         "server, postgres, client, machine: CPU cores in use (1.00 is one core "
         "busy) by the granian",
-        "process tree, all postgres processes, this load generator, everything.",
+        "process tree, PostgreSQL (for webhooks: the run's own database's "
+        "backends and the server's",
+        "shared processes; otherwise every postgres process), this load "
+        "generator, everything.",
         "loop run, loop wait: share of the time the server's busiest thread (its "
         "event loop) ran,",
         "and was ready to run but had no CPU; the nearer 100% together, the more "

@@ -484,9 +484,7 @@ def _load_statement(table: str) -> str:
         JOIN {table} v
           ON v.mode = k.mode AND v.order_id = k.order_id AND v.upc = k.upc
         LEFT JOIN LATERAL (
-            SELECT * FROM {table} w
-            WHERE w.mode = v.mode AND w.order_id = v.order_id AND w.upc = v.upc
-              AND (k.newest IS NULL OR v.version < k.newest)
+            SELECT v.* WHERE k.newest IS NULL OR v.version < k.newest
         ) w ON true
     """
 
