@@ -52,12 +52,14 @@ from tests.integration.projection_support import (
 from tests.support import WEBHOOK_PATH, new_order_id, stream_chain_errors, webhook_body
 
 __all__ = [
+    "ELECTED",
     "LIFECYCLES",
     "LOCALLY_RETRY_DELAYS",
     "Attempt",
     "Load",
     "Webhook",
     "acknowledgement_faults",
+    "elections",
     "log_tail",
     "logged_events",
     "plan_webhooks",
@@ -71,6 +73,9 @@ __all__ = [
     "stream_faults",
     "transition_faults",
 ]
+
+ELECTED = '"event":"projection.runner_elected"'
+"""How a service's log line says it won the runner's election."""
 
 LOCALLY_RETRY_DELAYS = (2.0, 6.0, 15.0)
 """Pauses before Locally's three further attempts: all within its minute,
@@ -368,7 +373,7 @@ async def post_once(
 # The projection runner's election ----------------------------------------------
 
 _RUNNER_HOLDERS = """
-    SELECT activity.pid, activity.client_port
+    SELECT activity.pid, activity.application_name, activity.client_port
     FROM pg_locks held JOIN pg_stat_activity activity ON activity.pid = held.pid
     WHERE held.locktype = 'advisory' AND held.granted AND held.objsubid = 2
       AND held.database = (
@@ -386,7 +391,8 @@ async def runner_holders(
 
     ``pg_try_advisory_lock(int, int)`` shows in ``pg_locks`` with its two
     keys as ``classid`` and ``objid`` and ``objsubid`` 2; each row names the
-    backend and the client port of the connection that holds it.
+    backend, its application name and the client port of the connection
+    that holds it.
     """
     return await pool.fetch(_RUNNER_HOLDERS, projection)
 
@@ -409,6 +415,11 @@ async def runner_at_head(pool: asyncpg.Pool) -> bool:
         last["transaction_id"],
         last["position"],
     )
+
+
+def elections(log: Path) -> int:
+    """How many times the service logging to ``log`` won the runner's election."""
+    return log.read_text().count(ELECTED)
 
 
 def service_owning(services: Sequence[Service], port: int) -> list[Service]:

@@ -38,6 +38,7 @@ from ordertrail.projections.items import ItemView
 from tests.integration.fault_support import (
     Webhook,
     acknowledgement_faults,
+    elections,
     log_tail,
     logged_events,
     plan_webhooks,
@@ -64,8 +65,6 @@ from tests.support import bearer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
-ELECTED = '"event":"projection.runner_elected"'
-"""How a service's log line says it won the runner's election."""
 _RETRIES = ('"event":"writer.batch_failed"', '"event":"writer.failed"')
 
 
@@ -221,7 +220,7 @@ async def _single_runner(
     """
     holders = await runner_holders(pool)
     assert len(holders) == 1, holders
-    said = [log.read_text().count(ELECTED) for log in logs]
+    said = [elections(log) for log in logs]
     assert sorted(said) == [0] * (len(logs) - 1) + [1], said
     elected = fleet[said.index(1)]
     port = holders[0]["client_port"]

@@ -1,10 +1,12 @@
 """Exactly one runner per projection, across service processes.
 
-Two ``ordertrail serve`` processes share one database. The runner's advisory
-lock is visible in ``pg_locks``; the backend holding it is matched to the
-process that owns the client side of its connection, so the test knows which
-service runs the projection, kills that one as a crash would, and watches the
-other take over.
+Two ``ordertrail serve`` processes share one database. Exactly one session
+holds the runner's advisory lock (``pg_locks`` shows it), and exactly one
+service logs its election. Over TCP the session's client port also names the
+process that holds the lock, which must be that service; a Unix socket, as
+the embedded server is reached, has no port to follow, so there the log
+alone names it. The test kills the runner as a crash would and watches the
+other service take over.
 """
 
 from __future__ import annotations
@@ -14,36 +16,30 @@ import functools
 import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import httpx
-import psutil  # type: ignore[import-untyped]  # comes with the embedded server
 import pytest
 
-from ordertrail.projections.items import PROJECTION_NAME
+from tests.integration.fault_support import (
+    elections,
+    log_tail,
+    runner_holders,
+    service_owning,
+    serving,
+)
 from tests.integration.helpers import TOKEN_HEADER
 from tests.integration.projection_support import (
     OwnDatabase,
     Service,
     own_database,
-    running_service,
     served_version,
     until,
 )
 from tests.support import WEBHOOK_PATH, new_order_id, webhook_body
 
 pytestmark = pytest.mark.slow
-
-# The backends holding the runner's lock: the two keys of
-# pg_try_advisory_lock(int, int) appear as classid and objid, unsigned.
-_HOLDERS = """
-    SELECT a.pid, a.application_name, a.client_port
-    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.classid = hashtext('ordertrail.runner')::oid
-      AND l.objid = hashtext($1)::oid
-"""
 
 
 @pytest.fixture
@@ -53,34 +49,20 @@ async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
         yield database
 
 
-async def holders(pool: asyncpg.Pool) -> list[asyncpg.Record]:
-    """The backends that hold the items runner's lock now."""
-    return await pool.fetch(_HOLDERS, PROJECTION_NAME)
+async def runs_the_projection(
+    pool: asyncpg.Pool, service: Service, log: Path, *, elected: int = 1
+) -> bool:
+    """Whether ``service`` alone holds the runner's lock, elected ``elected`` times.
 
-
-def owns_port(service: Service, port: int) -> bool:
-    """Whether a process of ``service`` (server or worker) has this local port."""
-    try:
-        leader = psutil.Process(service.pid)
-        family = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
+    The lock's session is matched to the service's processes where its
+    connection has a client port.
+    """
+    holders = await runner_holders(pool)
+    if len(holders) != 1 or elections(log) != elected:
         return False
-    for process in family:
-        try:
-            if any(c.laddr.port == port for c in process.net_connections("tcp")):
-                return True
-        except psutil.NoSuchProcess:
-            continue
-    return False
-
-
-async def runner_of(pool: asyncpg.Pool, services: list[Service]) -> Service:
-    """The one service whose connection holds the runner's lock."""
-    (holder,) = await holders(pool)
-    assert holder["application_name"] == "ordertrail"
-    owners = [s for s in services if owns_port(s, holder["client_port"])]
-    assert len(owners) == 1, "the lock holder belongs to no service, or to both"
-    return owners[0]
+    assert holders[0]["application_name"] == "ordertrail"
+    port = holders[0]["client_port"]
+    return port is None or port <= 0 or service_owning([service], port) == [service]
 
 
 async def deliver(service: Service, token: str, count: int) -> int:
@@ -103,25 +85,29 @@ async def checkpoint_reaches(pool: asyncpg.Pool, position: int) -> bool:
 
 
 async def test_one_service_runs_the_projection_and_another_takes_over_when_it_dies(
-    own: OwnDatabase,
+    own: OwnDatabase, tmp_path: Path
 ) -> None:
     token = secrets.token_urlsafe(24)
-    settings = {"ORDERTRAIL_WEBHOOK_TOKEN_LIVE": token}
+    # At info the services log their elections, which name the runner.
+    settings = {"ORDERTRAIL_WEBHOOK_TOKEN_LIVE": token, "ORDERTRAIL_LOG_LEVEL": "info"}
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
     async with (
-        running_service(own.url, **settings) as first,
-        running_service(own.url, **settings) as second,
+        serving(own.url, logs[0], **settings) as first,
+        serving(own.url, logs[1], **settings) as second,
     ):
-        services = [first, second]
         await until(
             lambda: _held(own.pool), "a service taking the runner lock", within=15
         )
         # Each loser tries again every two seconds; give both several tries.
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            assert len(await holders(own.pool)) == 1
+            assert len(await runner_holders(own.pool)) == 1
             await asyncio.sleep(0.1)
-        leader = await runner_of(own.pool, services)
-        survivor = second if leader is first else first
+        said = [elections(log) for log in logs]
+        assert sorted(said) == [0, 1], [log_tail(log) for log in logs]
+        leader, survivor = (first, second) if said[0] else (second, first)
+        leader_log, survivor_log = (logs[0], logs[1]) if said[0] else (logs[1], logs[0])
+        assert await runs_the_projection(own.pool, leader, leader_log)
 
         # The elected runner follows deliveries taken by either service.
         last = await deliver(leader, token, 3)
@@ -131,12 +117,11 @@ async def test_one_service_runs_the_projection_and_another_takes_over_when_it_di
         leader.kill()
         await leader.process.wait()
         took = await until(
-            lambda: _held_by(own.pool, survivor),
+            lambda: runs_the_projection(own.pool, survivor, survivor_log),
             "the survivor taking over",
             within=10,
         )
         assert took < 10
-        assert len(await holders(own.pool)) == 1
 
         # The survivor's runner now moves the checkpoint as webhooks arrive.
         for _ in range(3):
@@ -150,9 +135,4 @@ async def test_one_service_runs_the_projection_and_another_takes_over_when_it_di
 
 
 async def _held(pool: asyncpg.Pool) -> bool:
-    return bool(await holders(pool))
-
-
-async def _held_by(pool: asyncpg.Pool, service: Service) -> bool:
-    found = await holders(pool)
-    return len(found) == 1 and owns_port(service, found[0]["client_port"])
+    return bool(await runner_holders(pool))
