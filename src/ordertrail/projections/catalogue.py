@@ -11,6 +11,7 @@ states, so a reader sees either the old version or the new one, never a mix.
 from __future__ import annotations
 
 import enum
+import functools
 from datetime import datetime
 
 import msgspec
@@ -91,7 +92,15 @@ class ProjectionVersion(msgspec.Struct, frozen=True, kw_only=True):
         """Return the vocabulary this version was built with."""
         if self.vocabulary is None:
             return fallback
-        return Vocabulary.parse(self.vocabulary, source=f"{self.table_name} (recorded)")
+        return _recorded_vocabulary(self.vocabulary, f"{self.table_name} (recorded)")
+
+
+@functools.lru_cache(maxsize=16)
+def _recorded_vocabulary(text: str, source: str) -> Vocabulary:
+    # The runner asks for its version's vocabulary at every catch-up, and a
+    # catch-up follows each commit: parsing the TOML anew cost more than the
+    # catch-up itself. One instance per text also keeps its lookups warm.
+    return Vocabulary.parse(text, source=source)
 
 
 _COLUMNS = ", ".join(ProjectionVersion.__struct_fields__)
