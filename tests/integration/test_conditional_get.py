@@ -280,6 +280,42 @@ async def test_a_current_tag_does_not_pass_a_missing_key(
     assert response.status_code == 401
 
 
+async def test_a_view_at_the_door_is_the_handlers_view(
+    client: AsyncTestClient[Litestar], live_token: str, reader_key: str, order_id: str
+) -> None:
+    # A plain read is answered at the door; an extra parameter sends the same
+    # read to the handler. Both must give the same answer, byte for byte.
+    await deliver(client, live_token, order_id, status="ordered")
+    await deliver(client, live_token, order_id, status="confirmed")
+    headers = {**bearer(reader_key), "X-Request-Id": "pos-8"}
+
+    door = await client.get(item_path(order_id), headers=headers)
+    handler = await client.get(
+        item_path(order_id), headers=headers, params={"mode": "live", "unknown": "1"}
+    )
+
+    assert door.status_code == handler.status_code == 200
+    assert door.content == handler.content
+    assert door.json()["state"] == "confirmed"
+    for name in ("etag", "cache-control", "content-type", "content-length"):
+        assert door.headers[name] == handler.headers[name], name
+    assert door.headers["x-request-id"] == "pos-8"
+
+
+async def test_a_stale_tag_at_the_door_gets_the_current_view(
+    client: AsyncTestClient[Litestar], live_token: str, reader_key: str, order_id: str
+) -> None:
+    await deliver(client, live_token, order_id, status="ordered")
+    stale = etag_of(await get(client, reader_key, item_path(order_id)))
+    await deliver(client, live_token, order_id, status="confirmed")
+
+    response = await get(client, reader_key, item_path(order_id), stale)
+
+    assert response.status_code == 200
+    assert response.json()["state"] == "confirmed"
+    assert etag_of(response) != stale
+
+
 @pytest.mark.parametrize(
     ("params", "status"),
     [

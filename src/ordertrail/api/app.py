@@ -19,13 +19,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from ordertrail import __version__
 from ordertrail.api.admin import AdminController
 from ordertrail.api.audit import export_events
-from ordertrail.api.conditional import (
-    REVALIDATOR,
-    Revalidator,
-    matches,
-    mode_of,
-    send_not_modified,
-)
+from ordertrail.api.conditional import DOOR, answered_at_door
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
 from ordertrail.api.metrics import metrics
@@ -43,12 +37,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def entry_middleware(app: ASGIApp) -> ASGIApp:
-    """Name every request, admit it by its route's role, answer 304s early.
+    """Name every request, admit it by its route's role, answer plain reads early.
 
     One pass over the raw headers serves all three. The request id goes into
     the answer's ``X-Request-Id``: a well-formed id sent by the client is kept
     so a caller can follow its request through; anything else is replaced by
-    this process's prefix and a counter, unique and next to free.
+    this process's prefix and a counter, unique and next to free. A route
+    with a door (``ordertrail.api.conditional.Door``) has its plain GETs
+    answered here.
     """
     prefix = secrets.token_hex(4)
     counter = itertools.count(1)
@@ -64,7 +60,11 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
             elif name == b"authorization":
                 authorization = value.decode("latin-1")
             elif name == b"if-none-match":
-                if_none_match = value.decode("latin-1")
+                # Repeated fields form one list (RFC 9110 5.3).
+                tags = value.decode("latin-1")
+                if_none_match = (
+                    tags if if_none_match is None else f"{if_none_match}, {tags}"
+                )
         if sent is None or not _REQUEST_ID.match(sent):
             sent = f"{prefix}-{next(counter):x}"
         request_id = sent
@@ -80,30 +80,14 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
         needed = opt.get(ROLE)
         if needed is not None:
             await admit(scope, authorization, needed)
-        revalidator = opt.get(REVALIDATOR)
-        if (
-            revalidator is not None
-            and if_none_match is not None
-            and await _unchanged(scope, revalidator, if_none_match, send_with_id)
+        door = opt.get(DOOR)
+        if door is not None and await answered_at_door(
+            scope, door, if_none_match, send_with_id
         ):
             return
         await app(scope, receive, send_with_id)
 
     return middleware
-
-
-async def _unchanged(
-    scope: Scope, revalidator: Revalidator, if_none_match: str, send: Send
-) -> bool:
-    # Answers 304 and returns True when the client's copy is current.
-    mode = mode_of(scope["query_string"])
-    if mode is None:
-        return False
-    etag = await revalidator(scope["app"].state.services, scope["path_params"], mode)
-    if etag is None or not matches(if_none_match, etag):
-        return False
-    await send_not_modified(send, etag)
-    return True
 
 
 def openapi_config() -> OpenAPIConfig:

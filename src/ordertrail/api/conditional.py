@@ -4,59 +4,69 @@ Pollers send back the ETag they last saw in ``If-None-Match``; when nothing
 changed they get a bodiless 304, which skips building and encoding the view.
 ``Cache-Control: no-cache`` lets caches keep a copy but makes them ask first.
 
-An item poll is the API's hottest request, and most of them find nothing
-changed. A route can therefore name a *revalidator* in its ``opt``: the entry
-middleware, having admitted the request, asks it for the current tag with one
-narrow query and answers 304 itself when the client's copy is current, before
-the framework parses parameters or builds a response. Anything else (a
-changed view, an unknown item, unusual parameters) goes on to the handler,
-which answers in full.
+An item poll is the API's hottest request. A route can therefore name a
+*door* in its ``opt``: two narrow reads with which the entry middleware,
+having admitted the request, answers a plain read (no parameter but the
+mode) itself, before the framework parses parameters or builds a response.
+With ``If-None-Match`` it first reads the current tag alone and answers 304
+when the client's copy is current; otherwise it reads the view, already
+encoded, and sends it with its validators. Anything else (a past state,
+unusual parameters, an unknown item) goes on to the handler, which answers
+in full.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response
-from litestar.response.base import ASGIResponse
 
 if TYPE_CHECKING:
-    from litestar.background_tasks import BackgroundTask, BackgroundTasks
-    from litestar.datastructures import Cookie
-    from litestar.types import Send, TypeEncodersMap
+    from litestar.types import Scope, Send
 
     from ordertrail.api.services import Services
 
 __all__ = [
     "CACHE_CONTROL",
-    "REVALIDATOR",
-    "EncodedView",
-    "Revalidator",
+    "DOOR",
+    "Door",
+    "answered_at_door",
     "fresh",
     "matches",
     "mode_of",
     "not_modified",
-    "revalidating",
-    "send_not_modified",
     "validators",
 ]
 
 CACHE_CONTROL = "no-cache"
 
-REVALIDATOR = "revalidator"
-"""The key of a route's ``opt`` that names its revalidator."""
+DOOR = "door"
+"""The key of a route's ``opt`` that names its door."""
 
-Revalidator = Callable[["Services", Mapping[str, Any], str], Awaitable[str | None]]
-"""Returns a resource's current ETag (None if it does not exist), given the
-services, the route's path parameters and the requested mode."""
+
+@dataclass(frozen=True, slots=True)
+class Door:
+    """The reads that let the entry middleware answer a route's plain GETs.
+
+    Each takes the services, the route's path parameters and the requested
+    mode, and returns None when the resource does not exist.
+    """
+
+    tag: Callable[[Services, Mapping[str, Any], str], Awaitable[str | None]]
+    """Returns the resource's current ETag."""
+    view: Callable[
+        [Services, Mapping[str, Any], str], Awaitable[tuple[str, bytes] | None]
+    ]
+    """Returns the resource's ETag and its view, encoded as JSON."""
+
+    def opt(self) -> dict[str, Any]:
+        """Return the route ``opt`` entry that opens this door."""
+        return {DOOR: self}
+
 
 _MODE_QUERIES = {b"": "live", b"mode=live": "live", b"mode=test": "test"}
-
-
-def revalidating(revalidator: Revalidator) -> dict[str, Any]:
-    """Return the ``opt`` entry that lets the door answer 304 for a route."""
-    return {REVALIDATOR: revalidator}
 
 
 def mode_of(query_string: bytes) -> str | None:
@@ -111,86 +121,42 @@ def _validator_headers(etag: str) -> list[tuple[bytes, bytes]]:
     ]
 
 
-async def send_not_modified(send: Send, etag: str) -> None:
-    """Answer 304 for ``etag`` straight onto the ASGI connection."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 304,
-            "headers": _validator_headers(etag),
-        }
-    )
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+async def answered_at_door(
+    scope: Scope, door: Door, if_none_match: str | None, send: Send
+) -> bool:
+    """Answer a plain GET through ``door``; return False to leave it to the route.
 
-
-class _Prepared(ASGIResponse):
-    # Status, headers and body are final: nothing is normalised or defaulted.
-    def __init__(
-        self,
-        status_code: int,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes,
-        *,
-        is_head_response: bool,
-    ) -> None:
-        self.status_code = status_code
-        self.body = b"" if is_head_response else body
-        self.is_head_response = is_head_response
-        self.background = None
-        self._encoded_cookies = ()
-        self._raw_headers = headers
-
-    def encode_headers(self) -> list[tuple[bytes, bytes]]:
-        return self._raw_headers
-
-
-class EncodedView(Response[bytes]):
-    """A 200 view whose JSON body is already encoded, with its validators.
-
-    The general response path normalises headers into a mutable mapping and
-    re-encodes them for every answer; a view read by the hundred per second
-    has exactly three fixed headers, built here once as bytes.
+    The request must already be admitted. The answer goes straight onto the
+    ASGI connection with exactly its final headers: the general response
+    path would normalise them into a mapping and encode them again.
     """
+    mode = mode_of(scope["query_string"])
+    if mode is None:
+        return False
+    services = scope["app"].state.services
+    path = scope["path_params"]
+    if if_none_match is not None:
+        etag = await door.tag(services, path, mode)
+        if etag is None:
+            return False
+        if matches(if_none_match, etag):
+            await _send(send, 304, _validator_headers(etag), b"")
+            return True
+    found = await door.view(services, path, mode)
+    if found is None:
+        return False
+    etag, body = found
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode("latin-1")),
+        *_validator_headers(etag),
+    ]
+    await _send(send, 200, headers, body)
+    return True
 
-    __slots__ = ("_body", "_raw_headers")
 
-    def __init__(self, body: bytes, etag: str) -> None:
-        super().__init__(body, media_type="application/json", headers=validators(etag))
-        self._body = body
-        self._raw_headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode("latin-1")),
-            *_validator_headers(etag),
-        ]
-
-    def to_asgi_response(
-        self,
-        app: Any,
-        request: Request[Any, Any, Any],
-        *,
-        background: BackgroundTask | BackgroundTasks | None = None,
-        cookies: Iterable[Cookie] | None = None,
-        encoded_headers: Iterable[tuple[bytes, bytes]] | None = None,
-        headers: dict[str, str] | None = None,
-        is_head_response: bool = False,
-        media_type: str | None = None,
-        status_code: int | None = None,
-        type_encoders: TypeEncodersMap | None = None,
-    ) -> ASGIResponse:
-        """Return the prepared answer, unless the route adds to it."""
-        extra_cookies = list(cookies or ())
-        if headers or extra_cookies or background is not None:
-            return super().to_asgi_response(
-                app,
-                request,
-                background=background,
-                cookies=extra_cookies,
-                headers=headers,
-                is_head_response=is_head_response,
-                media_type=media_type,
-                status_code=status_code,
-                type_encoders=type_encoders,
-            )
-        return _Prepared(
-            200, self._raw_headers, self._body, is_head_response=is_head_response
-        )
+async def _send(
+    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
