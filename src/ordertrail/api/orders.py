@@ -23,7 +23,7 @@ from ordertrail.api.problems import ProblemError
 from ordertrail.api.security import access
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import Role
-from ordertrail.eventstore.records import RecordedEvent
+from ordertrail.eventstore.records import RecordedEvent, StreamKey
 from ordertrail.projections.items import ItemView
 from ordertrail.projections.orders import OrderView, roll_up
 
@@ -86,16 +86,12 @@ _ITEM_ROW = (
     f"SELECT {_ITEM_COLUMNS}, change_xid FROM item_view "
     "WHERE order_id = $1 AND mode = $2 AND upc = $3"
 )
-_ITEM_STAMP = (
-    "SELECT change_xid, version FROM item_view "
-    "WHERE order_id = $1 AND mode = $2 AND upc = $3"
-)
 _encode_view = msgspec.json.Encoder().encode
 
 
-def _item_tag(row: Any) -> str:
+def _item_tag(change_xid: int, version: int) -> str:
     # Every change to the row stamps it with its transaction's id.
-    return f'"i{row["change_xid"]}.{row["version"]}"'
+    return f'"i{change_xid}.{version}"'
 
 
 def _encode_item(row: Any) -> bytes:
@@ -109,11 +105,8 @@ async def current_item_tag(
     services: Services, path: Mapping[str, Any], mode: str
 ) -> str | None:
     """Return an item's ETag from the two columns it is made of."""
-    async with services.reads.acquire() as connection:
-        stamp = await connection.fetchrow(
-            _ITEM_STAMP, path["order_id"], mode, path["upc"]
-        )
-    return None if stamp is None else _item_tag(stamp)
+    stamp = await services.stamps.stamp(StreamKey(mode, path["order_id"], path["upc"]))
+    return None if stamp is None else _item_tag(*stamp)
 
 
 async def current_item_view(
@@ -122,7 +115,9 @@ async def current_item_view(
     """Return an item's ETag and its encoded view."""
     async with services.reads.acquire() as connection:
         row = await connection.fetchrow(_ITEM_ROW, path["order_id"], mode, path["upc"])
-    return None if row is None else (_item_tag(row), _encode_item(row))
+    if row is None:
+        return None
+    return _item_tag(row["change_xid"], row["version"]), _encode_item(row)
 
 
 _ITEM_DOOR = Door(tag=current_item_tag, view=current_item_view)
@@ -221,7 +216,7 @@ class OrdersController(Controller):
         # Plain reads were answered at the door (_ITEM_DOOR); this one came
         # with a query the door leaves alone. The bytes are an ItemView
         # document; the annotation is what the API description shows.
-        etag = _item_tag(row)
+        etag = _item_tag(row["change_xid"], row["version"])
         if fresh(request, etag):
             return not_modified(etag)
         return cast(

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import structlog
 
+from ordertrail.api.revalidation import StampReader
 from ordertrail.auth.credentials import (
     CREDENTIALS_CHANNEL,
     CredentialCache,
@@ -45,6 +46,8 @@ class Services:
     pool: asyncpg.Pool
     reads: asyncpg.Pool
     """Where read endpoints query: ``pool`` itself unless a replica is set."""
+    stamps: StampReader
+    """Item stamps for revalidations, read from ``reads``."""
     store: EventStore
     vocabulary: Vocabulary
     served: ServedProjection
@@ -137,6 +140,7 @@ def _assemble(
         dsn=dsn,
         pool=pool,
         reads=reads,
+        stamps=StampReader(reads),
         store=store,
         vocabulary=vocabulary,
         served=served,
