@@ -268,6 +268,32 @@ async def test_cursors_carry_hostile_keys_from_page_to_page(hostile: Hostile) ->
     assert len(seen) == len(set(seen))
 
 
+async def test_the_change_feed_gives_them_back_exactly(hostile: Hostile) -> None:
+    # Walk the feed from its start: every hostile item is there once per
+    # page, with its identifiers and status as sent.
+    wanted = {(sent.order_id, sent.upc): sent for sent in hostile.stored}
+    seen: dict[tuple[str, str], dict[str, Any]] = {}
+    after: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": 1000}
+        if after is not None:
+            params["after"] = after
+        page = await get(hostile, "/v1/changes", **params)
+        assert page.status_code == 200, page.text
+        for change in page.json()["changes"]:
+            key = (change["order_id"], change["upc"])
+            if key in wanted:
+                seen[key] = change
+        after = page.json()["next"]
+        if not page.json()["more"]:
+            break
+
+    assert seen.keys() == wanted.keys()
+    for key, change in seen.items():
+        assert change["last_status"] == wanted[key].status
+        assert change["position"] == wanted[key].position
+
+
 async def test_like_wildcards_match_only_themselves(hostile: Hostile) -> None:
     base = new_order_id()
     suffixes = ["AB", "A%", "A_", "%", "_", "A\\%", "A\\_"]
