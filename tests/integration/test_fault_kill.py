@@ -101,6 +101,11 @@ async def test_kill_under_load_loses_nothing_acknowledged_and_retries_land_once(
         retried_in = time.monotonic() - started
 
         assert all(webhook.settled for webhook in unanswered)
+        # As Locally promises: three more attempts at most, within a minute
+        # of the first, which went to the service before it was killed.
+        assert max(len(webhook.attempts) for webhook in unanswered) <= 4
+        spans = [w.attempts[-1].sent_at - w.attempts[0].sent_at for w in unanswered]
+        assert max(spans) < 60, f"retried up to {max(spans):.1f} s after the first"
         assert _retry_answers(unanswered, before_retry) == []
         events = await logged_events(own.pool)
         assert acknowledgement_faults(sent, events) == []
