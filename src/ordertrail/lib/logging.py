@@ -16,7 +16,7 @@ import logging
 import re
 import sys
 import threading
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import msgspec
@@ -185,7 +185,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric_level),
-        logger_factory=_factory(_writer_for(sys.stderr)),
+        logger_factory=_logger_factory(sys.stderr),
         cache_logger_on_first_use=True,
     )
 
@@ -209,14 +209,12 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _writer_for(file: TextIO) -> TurnWriter:
-    # Configured again by every app a process creates (the tests make many):
-    # one writer per stream keeps the lines of all of them in one order.
-    return TurnWriter(file)
+def _logger_factory(file: TextIO) -> Callable[..., TurnWriter]:
+    # configure_logging runs for every app a process creates (the tests make
+    # many): one writer per stream, shared by every structlog logger, keeps
+    # all their lines in one order.
+    writer = TurnWriter(file)
 
-
-def _factory(writer: TurnWriter) -> Any:
-    # One writer for every structlog logger, so their lines keep one order.
     def factory(*_names: Any) -> TurnWriter:
         return writer
 
