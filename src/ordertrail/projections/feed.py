@@ -4,6 +4,9 @@ Long-polling clients wait for the feed to move past their cursor. Rather than
 each of them querying on every commit, one task follows the events channel,
 reads the feed's head (one index probe per mode) and wakes only the waiters
 the head has passed. Hundreds of idle pollers cost an awaiting coroutine each.
+While nobody waits, a commit only marks the head stale, and the next waiter
+reads it: under a stream of webhooks and no long poll, following the feed
+costs nothing.
 
 With a read replica, the head is read where the pages are, on the replica,
 while the notifications still come from the primary (a standby neither sends
@@ -31,11 +34,17 @@ log = structlog.get_logger("ordertrail.feed")
 FeedPlace = tuple[int, int]
 """A place in the change feed: (change_xid, position) of an item row."""
 
-_HEAD = """
-    SELECT change_xid, position FROM item_view
-    WHERE mode = $1 AND change_xid < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY change_xid DESC, position DESC
-    LIMIT 1
+# Both modes' heads in one round trip, each one probe of the feed's index.
+_HEADS = """
+    SELECT modes.mode, head.change_xid, head.position
+    FROM unnest($1::text[]) AS modes (mode)
+    CROSS JOIN LATERAL (
+        SELECT change_xid, position FROM item_view
+        WHERE mode = modes.mode
+          AND change_xid < pg_snapshot_xmin(pg_current_snapshot())
+        ORDER BY change_xid DESC, position DESC
+        LIMIT 1
+    ) AS head
 """
 
 # After a commit is announced the head may not move at once: a transaction
@@ -70,6 +79,8 @@ class FeedHead:
             m: asyncio.Event() for m in self._heads
         }
         self._task: asyncio.Task[None] | None = None
+        self._waiting = 0
+        self._stale = False
 
     def head(self, mode: str) -> FeedPlace:
         """Return the newest change of ``mode`` seen so far."""
@@ -81,10 +92,11 @@ class FeedHead:
             await self.refresh()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             # A replica that is down must not keep the service from taking
-            # webhooks; the heads are read again at the next notification.
+            # webhooks; the first waiter reads the heads again.
             if self._replica is None:
                 raise
             log.warning("feed.refresh_failed", error=str(error))
+            self._stale = True
         self._task = asyncio.create_task(self._follow(), name="ordertrail-feed-head")
 
     async def stop(self) -> None:
@@ -95,27 +107,46 @@ class FeedHead:
                 await self._task
 
     async def wait_past(self, mode: str, place: FeedPlace, seconds: float) -> bool:
-        """Wait until the head of ``mode`` is past ``place``; False on timeout."""
+        """Wait until the head of ``mode`` is past ``place``; False on timeout.
+
+        A head left stale while nobody waited is read first; it may then be
+        past ``place`` at once, and the caller looks again.
+        """
+        self._waiting += 1
         try:
             async with asyncio.timeout(seconds):
+                if self._stale:
+                    await self._refresh_stale()
                 while self._heads[mode] <= place:
                     await self._moved[mode].wait()
         except TimeoutError:
             return False
+        finally:
+            self._waiting -= 1
         return True
 
     async def refresh(self) -> bool:
         """Read the heads now; return whether any moved."""
-        moved = False
         async with self._pool.acquire() as connection:
-            for mode in self._heads:
-                row = await connection.fetchrow(_HEAD, mode)
-                place = (row["change_xid"], row["position"]) if row else (0, 0)
-                if place > self._heads[mode]:
-                    self._heads[mode] = place
-                    self._wake(mode)
-                    moved = True
+            rows = await connection.fetch(_HEADS, list(self._heads))
+        moved = False
+        for row in rows:
+            mode, place = row["mode"], (row["change_xid"], row["position"])
+            if place > self._heads[mode]:
+                self._heads[mode] = place
+                self._wake(mode)
+                moved = True
         return moved
+
+    async def _refresh_stale(self) -> None:
+        # The first waiter reads for all: the others wait on the events, which
+        # this refresh sets if the head moved.
+        self._stale = False
+        try:
+            await self.refresh()
+        except BaseException:
+            self._stale = True
+            raise
 
     def _wake(self, mode: str) -> None:
         # Waiters hold the old event; a fresh one is ready for the next wait.
@@ -128,6 +159,9 @@ class FeedHead:
             # The periodic look also covers a notification lost with a
             # dropped listener connection.
             seen = await self._appended.wait_after(seen, 30.0)
+            if not self._waiting:
+                self._stale = True
+                continue
             try:
                 await self._until_replayed()
                 await self._refresh_until_moved()
