@@ -20,6 +20,7 @@ from ordertrail import __version__
 from ordertrail.api.admin import AdminController
 from ordertrail.api.audit import export_events
 from ordertrail.api.conditional import DOOR, answered_at_door
+from ordertrail.api.direct import answered_directly
 from ordertrail.api.health import live, ready
 from ordertrail.api.items import changes, items
 from ordertrail.api.metrics import metrics
@@ -44,7 +45,8 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
     so a caller can follow its request through; anything else is replaced by
     this process's prefix and a counter, unique and next to free. A route
     with a door (``ordertrail.api.conditional.Door``) has its plain GETs
-    answered here.
+    answered here, and a direct route (``ordertrail.api.direct``) its every
+    request.
     """
     prefix = secrets.token_hex(4)
     counter = itertools.count(1)
@@ -80,6 +82,8 @@ def entry_middleware(app: ASGIApp) -> ASGIApp:
         needed = opt.get(ROLE)
         if needed is not None:
             await admit(scope, authorization, needed)
+        if await answered_directly(scope, receive, send_with_id):
+            return
         door = opt.get(DOOR)
         if door is not None and await answered_at_door(
             scope, door, if_none_match, send_with_id

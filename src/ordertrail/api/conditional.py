@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Request, Response
 
+from ordertrail.api.direct import send_answer
+
 if TYPE_CHECKING:
     from litestar.types import Scope, Send
 
@@ -140,7 +142,7 @@ async def answered_at_door(
         if etag is None:
             return False
         if matches(if_none_match, etag):
-            await _send(send, 304, _validator_headers(etag), b"")
+            await send_answer(send, 304, _validator_headers(etag), b"")
             return True
     found = await door.view(services, path, mode)
     if found is None:
@@ -151,12 +153,5 @@ async def answered_at_door(
         (b"content-length", str(len(body)).encode("latin-1")),
         *_validator_headers(etag),
     ]
-    await _send(send, 200, headers, body)
+    await send_answer(send, 200, headers, body)
     return True
-
-
-async def _send(
-    send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -14,7 +14,15 @@ from litestar.exceptions import (
     ValidationException,
 )
 
-__all__ = ["Problem", "ProblemError", "exception_handlers", "problem_response"]
+from ordertrail.api.direct import Answer
+
+__all__ = [
+    "Problem",
+    "ProblemError",
+    "exception_handlers",
+    "problem_answer",
+    "problem_response",
+]
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -67,7 +75,42 @@ def problem_response(
     request_id: str | None = None,
 ) -> Response[bytes]:
     """Return a problem-details response."""
-    body = Problem(
+    return Response(
+        _problem_body(
+            status, name, title, detail, parameter=parameter, request_id=request_id
+        ),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=headers,
+    )
+
+
+def problem_answer(
+    status: int,
+    name: str,
+    title: str,
+    detail: str | None = None,
+    *,
+    headers: dict[str, str] | None = None,
+    request_id: str | None = None,
+) -> Answer:
+    """Return a problem-details answer for a direct handler."""
+    body = _problem_body(
+        status, name, title, detail, parameter=None, request_id=request_id
+    )
+    return Answer.of(status, body, PROBLEM_MEDIA_TYPE, headers)
+
+
+def _problem_body(
+    status: int,
+    name: str,
+    title: str,
+    detail: str | None,
+    *,
+    parameter: str | None,
+    request_id: str | None,
+) -> bytes:
+    problem = Problem(
         type=f"urn:ordertrail:problem:{name}",
         title=title,
         status=status,
@@ -75,12 +118,7 @@ def problem_response(
         parameter=parameter,
         request_id=request_id,
     )
-    return Response(
-        msgspec.json.encode(body),
-        status_code=status,
-        media_type=PROBLEM_MEDIA_TYPE,
-        headers=headers,
-    )
+    return msgspec.json.encode(problem)
 
 
 def _request_id(request: Request[Any, Any, Any]) -> str | None:

@@ -5,6 +5,9 @@ read or kept for a caller without one), then the body's size, then its
 shape. Every authenticated delivery ends either as an event (202, after the
 commit) or in quarantine (413, 422); if neither could be made durable the
 answer is 503 and Locally retries.
+
+The route is direct (``ordertrail.api.direct``): every answer is an
+``Answer`` with its final headers, written onto the connection as it is.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from typing import Any
 import asyncpg
 import msgspec
 import structlog
-from litestar import Request, Response, post
+from litestar import Request, post
 from litestar.exceptions import ClientException
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.types import ASGIApp
 
+from ordertrail.api.direct import Answer, direct
 from ordertrail.api.documentation import WEBHOOK_TOKEN, WebhookOperation, problems
-from ordertrail.api.problems import problem_response
+from ordertrail.api.problems import problem_answer
 from ordertrail.api.security import client_address, refuse_failing
 from ordertrail.api.services import Services
 from ordertrail.auth.credentials import CredentialKind
@@ -82,6 +87,7 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
         "sender should retry."
     ),
     tags=["ingest"],
+    opt=direct(),
     operation_class=WebhookOperation,
     security=WEBHOOK_TOKEN,
     responses={
@@ -93,8 +99,12 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
         **problems(401, 413, 422, 429, 503),
     },
 )
-async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
-    """Authenticate, read and append one webhook delivery."""
+async def receive_webhook(request: Request[Any, Any, Any]) -> ASGIApp:
+    """Authenticate, read and append one webhook delivery.
+
+    Annotated as an ASGI app, which the ``Answer`` is, so that the framework
+    sends it as it is when it calls the handler itself.
+    """
     services: Services = request.app.state.services
     received_at = datetime.now(UTC)
     request_id: str = request.scope["state"]["request_id"]
@@ -115,7 +125,7 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
             client=client,
             request_id=request_id,
         )
-        return problem_response(
+        return problem_answer(
             401,
             "unauthenticated",
             "Missing or unknown webhook token",
@@ -159,7 +169,7 @@ async def receive_webhook(request: Request[Any, Any, Any]) -> Response[bytes]:
     return await _append(services, delivery)
 
 
-async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
+async def _append(services: Services, delivery: Delivery) -> Answer:
     try:
         appended = await services.writer.append(delivery)
     except AppendFailed as error:
@@ -196,7 +206,7 @@ async def _append(services: Services, delivery: Delivery) -> Response[bytes]:
         redelivery,
         appended.redelivery_of,
     )
-    return Response(_encode(answer), status_code=202, media_type="application/json")
+    return Answer.of(202, _encode(answer), "application/json")
 
 
 _WANTED = frozenset(
@@ -278,7 +288,7 @@ async def _hold(
     reason: str,
     *,
     truncated: bool,
-) -> Response[bytes]:
+) -> Answer:
     """Keep an authenticated delivery that will not become an event."""
     try:
         quarantine_id = await quarantine.hold(
@@ -315,7 +325,7 @@ async def _hold(
         token_id=arrival.token_id,
     )
     if truncated:
-        return problem_response(
+        return problem_answer(
             413,
             "body-too-large",
             "Webhook body too large",
@@ -323,7 +333,7 @@ async def _hold(
             f"The first part is kept as quarantine {quarantine_id}.",
             request_id=arrival.request_id,
         )
-    return problem_response(
+    return problem_answer(
         422,
         "invalid-payload",
         "Not a Locally webhook payload",
@@ -332,8 +342,8 @@ async def _hold(
     )
 
 
-def _unavailable(request_id: str) -> Response[bytes]:
-    return problem_response(
+def _unavailable(request_id: str) -> Answer:
+    return problem_answer(
         503,
         "unavailable",
         "Could not store the delivery; retry",
