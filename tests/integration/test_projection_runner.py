@@ -89,14 +89,17 @@ async def table_matches_fold(
         )
 
 
+@pytest.mark.parametrize("behind_writer", [False, True])
 async def test_catch_up_commits_rows_and_checkpoint_together_batch_by_batch(
-    own: OwnDatabase,
+    own: OwnDatabase, *, behind_writer: bool
 ) -> None:
     total = await seed(own, transactions=12, per_transaction=5)
     async with own.pool.acquire() as connection:
         log = await whole_log(connection)
         projection = await projection_for(connection, 1)
-    runner = ProjectionRunner(STORE, projection, PROJECTION_NAME, batch_size=7)
+    runner = ProjectionRunner(
+        STORE, projection, PROJECTION_NAME, batch_size=7, behind_writer=behind_writer
+    )
 
     steps: list[Batch] = []
     async with own.pool.acquire() as connection:
@@ -183,8 +186,9 @@ async def test_a_catch_up_cancelled_mid_batch_resumes_and_loses_or_repeats_nothi
     assert await table_matches_fold(own.pool, projection) == []
 
 
+@pytest.mark.parametrize("behind_writer", [False, True])
 async def test_events_already_applied_inline_are_passed_over_not_written_again(
-    own: OwnDatabase,
+    own: OwnDatabase, *, behind_writer: bool
 ) -> None:
     served = ServedProjection(STORE, Vocabulary.default())
     order_id = new_order_id()
@@ -200,9 +204,10 @@ async def test_events_already_applied_inline_are_passed_over_not_written_again(
 
     async with own.pool.acquire() as connection:
         projection = await projection_for(connection, 1)
-        last = await ProjectionRunner(STORE, projection, PROJECTION_NAME).catch_up(
-            connection
+        runner = ProjectionRunner(
+            STORE, projection, PROJECTION_NAME, behind_writer=behind_writer
         )
+        last = await runner.catch_up(connection)
 
     assert last.failure is None
     stored, applied = await checkpoint_of(own.pool)
@@ -219,6 +224,33 @@ async def test_events_already_applied_inline_are_passed_over_not_written_again(
     async with own.pool.acquire() as connection:
         rows = await rows_of(connection, SERVED_TABLE)
     assert rows[StreamKey("live", behind, UPC)].state == "ordered"
+
+
+async def test_a_scan_reads_whole_only_the_events_the_rows_do_not_hold(
+    own: OwnDatabase,
+) -> None:
+    served = ServedProjection(STORE, Vocabulary.default())
+    current, lagging = new_order_id(), new_order_id()
+    await append_inline(own.pool, served, [report(current, "ordered")])
+    await append_inline(own.pool, served, [report(lagging, "ordered")])
+    await append_raw(own.pool, [report(lagging, "confirmed")])
+    await append_inline(own.pool, served, [report(current, "confirmed")])
+    await settle(own.pool)
+
+    async with own.pool.acquire() as connection:
+        log = await whole_log(connection)
+        scan = await STORE.scan_after(
+            connection, Cursor(), 100, unreflected_in=SERVED_TABLE
+        )
+        after_first = await STORE.scan_after(
+            connection, scan.cursors[0], 100, unreflected_in=SERVED_TABLE
+        )
+
+    assert scan.cursors == [Cursor(e.transaction_id, e.position) for e in log]
+    # The one event its row lacks comes back whole, exactly as stored.
+    assert scan.unreflected == [e for e in log if e.raw_status == "confirmed"][:1]
+    assert scan.unreflected[0].order_id == lagging
+    assert after_first.cursors == scan.cursors[1:]
 
 
 @pytest.mark.slow

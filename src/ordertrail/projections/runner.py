@@ -55,24 +55,32 @@ class ProjectionRunner:
         name: str,
         *,
         batch_size: int = 5000,
+        behind_writer: bool = False,
     ) -> None:
         self.store = store
         self.projection = projection
         self.name = name
         self.batch_size = batch_size
+        self.behind_writer = behind_writer
+        """Whether the inline writer keeps this version's rows current.
+
+        If so, a settled step reads whole only the events its rows do not
+        hold yet (an inline fold that failed, a commit from before a swap),
+        and moves the checkpoint past the others.
+        """
 
     async def step(self, connection: Connection, *, settled: bool = True) -> Batch:
         """Apply the next batch after the checkpoint, in one transaction."""
         started = time.perf_counter()
         async with connection.transaction():
             checkpoint = await self._locked_checkpoint(connection)
-            events = await self.store.read_after(
-                connection, checkpoint, self.batch_size, settled=settled
-            )
-            if not events:
+            cursors, events = await self._next(connection, checkpoint, settled=settled)
+            if not cursors:
                 return Batch(0, checkpoint)
-            failure = await self._apply(connection, events)
+            failure = await self._apply(connection, events) if events else None
             if failure is not None:
+                stop = _cursor(failure.event)
+                cursors = [cursor for cursor in cursors if cursor < stop]
                 events = _before(events, failure.event)
                 if events:
                     await self.projection.apply(connection, events)
@@ -83,9 +91,9 @@ class ProjectionRunner:
                     failure.event.position,
                     failure.error,
                 )
-            if events:
-                checkpoint = _cursor(events[-1])
-                await self._advance(connection, checkpoint, len(events))
+            if cursors:
+                checkpoint = cursors[-1]
+                await self._advance(connection, checkpoint, len(cursors))
         if failure is not None:
             log.error(
                 "projection.failed",
@@ -96,7 +104,7 @@ class ProjectionRunner:
                 upc=failure.event.upc,
                 error=failure.error,
             )
-        return Batch(len(events), checkpoint, failure, time.perf_counter() - started)
+        return Batch(len(cursors), checkpoint, failure, time.perf_counter() - started)
 
     async def catch_up(
         self,
@@ -112,6 +120,23 @@ class ProjectionRunner:
                 on_batch(batch)
             if batch.failure is not None or batch.applied < self.batch_size:
                 return batch
+
+    async def _next(
+        self, connection: Connection, checkpoint: Cursor, *, settled: bool
+    ) -> tuple[list[Cursor], list[RecordedEvent]]:
+        # The cursors of the events to pass, and those of them to apply.
+        if self.behind_writer and settled:
+            scan = await self.store.scan_after(
+                connection,
+                checkpoint,
+                self.batch_size,
+                unreflected_in=self.projection.table,
+            )
+            return scan.cursors, scan.unreflected
+        events = await self.store.read_after(
+            connection, checkpoint, self.batch_size, settled=settled
+        )
+        return [_cursor(event) for event in events], events
 
     async def _apply(
         self, connection: Connection, events: list[RecordedEvent]

@@ -153,6 +153,10 @@ class RunnerSupervisor:
             skipped=skipped,
         )
         runner = ProjectionRunner(
-            self._store, projection, self._name, batch_size=self._batch_size
+            self._store,
+            projection,
+            self._name,
+            batch_size=self._batch_size,
+            behind_writer=True,
         )
         await runner.catch_up(connection)
