@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -27,8 +28,9 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from ordertrail.api.cursors import encode_cursor
-from ordertrail.auth.credentials import CredentialKind, Role
+from ordertrail.auth.credentials import CredentialKind, Role, create_credential
 from tests.integration.api_support import issue, problem, running_app
+from tests.integration.fault_support import serving
 from tests.integration.helpers import post_webhook, quarantined_by_request
 from tests.integration.projection_support import Completed, ordertrail, own_database
 from tests.support import bearer, new_order_id, webhook_body
@@ -665,6 +667,42 @@ async def test_arguments_no_stored_value_can_equal_are_usage_errors(
 
     assert refused.returncode == 2, refused.stderr
     assert "Error: " in refused.stderr
+
+
+@pytest.mark.slow
+async def test_send_test_posts_hostile_identifiers_that_are_stored_exactly(
+    server_url: str, tmp_path: Path
+) -> None:
+    upc = "'; --%_\u202e"
+    statuses = ["ordered", "confirmed'; --"]
+    async with own_database(server_url) as database:
+        async with database.pool.acquire() as connection:
+            token = await create_credential(
+                connection, CredentialKind.WEBHOOK_TOKEN, mode="live"
+            )
+        async with serving(database.url, tmp_path / "serve.log") as service:
+            sent = await ordertrail(
+                database.url,
+                "send-test",
+                "--url",
+                f"{service.base_url}/webhooks/locally",
+                "--token",
+                token.secret,
+                "--order-id",
+                CLI_ORDER,
+                "--upc",
+                upc,
+                *(argument for status in statuses for argument in ("--status", status)),
+                within=60.0,
+            )
+        stored = await database.pool.fetch(
+            "SELECT order_id, upc, raw_status FROM events ORDER BY position"
+        )
+
+    assert sent.returncode == 0, sent.stderr
+    assert [tuple(row) for row in stored] == [(CLI_ORDER, upc, s) for s in statuses]
+    assert sent.stdout.count("  202  ") == len(statuses)
+    assert token.secret not in sent.stdout + sent.stderr
 
 
 @pytest.mark.slow
