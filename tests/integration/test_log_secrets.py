@@ -228,6 +228,36 @@ async def test_a_failing_connection_logs_no_database_password(
     assert_nowhere([captured.err, captured.out, raised], [password])
 
 
+async def test_an_unreachable_read_replica_logs_no_password(
+    capfd: pytest.CaptureFixture[str],
+    database_url: str,
+    issue_key: IssueKey,
+) -> None:
+    # The replica's pool connects when a read needs it: the service starts,
+    # its feed head fails to read the replica, and an item read fails too.
+    password = random_secret("pw-")
+    key = (await issue_key(Role.READER)).secret
+    settings = app_settings(
+        database_url, read_database_url=unreachable(password), log_level="debug"
+    )
+    async with AsyncTestClient(app=make_app(settings)) as client:
+        read = await client.get(
+            f"/v1/orders/{new_order_id()}/items/1", headers=bearer(key)
+        )
+        health = await client.get("/health/ready")
+
+    captured = capfd.readouterr()
+    events = {
+        json.loads(line).get("event")
+        for line in captured.err.splitlines()
+        if line[:1] == "{"
+    }
+    assert read.status_code == 503
+    assert "feed.refresh_failed" in events
+    assert_nowhere([captured.err, captured.out], [password])
+    assert_nowhere(answer_texts([read, health]), [password])
+
+
 def test_a_url_password_in_a_log_line_is_masked(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
