@@ -359,17 +359,58 @@ async def test_commits_with_nobody_waiting_cost_the_feed_head_no_query(
     head = FeedHead(counting, appended)  # type: ignore[arg-type]
     await head.start()
     try:
-        started = counting.acquired
-        for position in range(1, 51):
-            appended.notice(str(position))
+        known, started = head.head("live"), counting.acquired
+        async with pool.acquire() as connection:
+            events = await append_and_project(
+                connection,
+                _STORE,
+                ServedProjection(_STORE, Vocabulary.load(None)),
+                [delivery(new_order_id(), status="ordered")],
+            )
+        for _ in range(50):
+            appended.notice(str(events[-1].position))
             await asyncio.sleep(0)
         await asyncio.sleep(0.05)
         assert counting.acquired == started
+        assert head.head("live") == known
 
-        known = head.head("live")
-        waiters = [head.wait_past("live", known, 0.2) for _ in range(5)]
-        assert await asyncio.gather(*waiters) == [False] * 5
+        waiters = [head.wait_past("live", known, 5) for _ in range(5)]
+        assert await asyncio.gather(*waiters) == [True] * 5
         assert counting.acquired == started + 1
+        assert head.head("live") > known
+    finally:
+        await head.stop()
+
+
+async def test_a_late_waiter_still_sees_a_commit_the_horizon_held_back(
+    pool: asyncpg.Pool,
+) -> None:
+    # Nobody waited when the commit was announced, and an older transaction
+    # held it below the horizon. The first waiter looks as the follower
+    # would have: again and again, until the commit settles.
+    appended = PositionSignal()
+    head = FeedHead(pool, appended)
+    await head.start()
+    try:
+        known = head.head("live")
+        async with pool.acquire() as holding, holding.transaction():
+            await holding.fetchval("SELECT pg_current_xact_id()")
+            async with pool.acquire() as connection:
+                events = await append_and_project(
+                    connection,
+                    _STORE,
+                    ServedProjection(_STORE, Vocabulary.load(None)),
+                    [delivery(new_order_id(), status="ordered")],
+                )
+            appended.notice(str(events[-1].position))
+            await asyncio.sleep(0.05)
+            waiting = asyncio.create_task(head.wait_past("live", known, 5))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+        started = time.monotonic()
+
+        assert await waiting
+        assert time.monotonic() - started < 2
     finally:
         await head.stop()
 

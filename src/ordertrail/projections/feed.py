@@ -52,6 +52,18 @@ _HEADS = """
 # growing intervals until it moves.
 _RETRY_DELAYS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
+# What reading the head raises when its database is out of reach.
+# InternalClientError is what asyncpg raises for a query on a connection the
+# server has just ended while it sat idle (a fast shutdown): let through, it
+# would end the follower, and no long poll would be woken again until the
+# process restarts.
+_UNREADABLE = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+
 _REPLAY_PATIENCE = 60.0
 """Seconds a replica may take to replay an announced commit before a warning."""
 
@@ -139,11 +151,16 @@ class FeedHead:
         return moved
 
     async def _refresh_stale(self) -> None:
-        # The first waiter reads for all: the others wait on the events, which
-        # this refresh sets if the head moved.
+        # The first waiter looks for all, as the follower would have looked
+        # at the commits nobody waited for (waiting for a replica to replay
+        # them, retrying while the horizon holds them back); the others wait
+        # on the events, which the look sets if the head moves.
         self._stale = False
         try:
-            await self.refresh()
+            await self._look()
+        except _UNREADABLE as error:
+            log.warning("feed.refresh_failed", error=str(error))
+            self._stale = True
         except BaseException:
             self._stale = True
             raise
@@ -163,20 +180,14 @@ class FeedHead:
                 self._stale = True
                 continue
             try:
-                await self._until_replayed()
-                await self._refresh_until_moved()
-            # InternalClientError is what asyncpg raises for a query on a
-            # connection the server has just ended while it sat idle (a fast
-            # shutdown): let through, it would end this task, and no long
-            # poll would be woken again until the process restarts.
-            except (
-                OSError,
-                asyncpg.PostgresError,
-                asyncpg.InterfaceError,
-                asyncpg.InternalClientError,
-            ) as error:
+                await self._look()
+            except _UNREADABLE as error:
                 log.warning("feed.refresh_failed", error=str(error))
                 await asyncio.sleep(1.0)
+
+    async def _look(self) -> None:
+        await self._until_replayed()
+        await self._refresh_until_moved()
 
     async def _until_replayed(self) -> None:
         # The horizon retries below cover a transaction held open for a
