@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -15,6 +16,7 @@ from litestar.testing import AsyncTestClient
 
 from ordertrail.api.services import Services
 from ordertrail.ingest import quarantine
+from ordertrail.ingest.controller import TOKEN_HEADER
 from ordertrail.lib.secrets import WEBHOOK_TOKEN_PREFIX, new_secret
 from tests.integration.helpers import (
     get_item,
@@ -23,7 +25,13 @@ from tests.integration.helpers import (
     quarantined_mentioning,
     stored_events,
 )
-from tests.support import UPC, WEBHOOK_PATH, concurrently, new_order_id, webhook_body
+from tests.support import (
+    UPC,
+    WEBHOOK_PATH,
+    concurrently,
+    new_order_id,
+    webhook_body,
+)
 
 BODY_LIMIT = 64 * 1024
 
@@ -199,6 +207,95 @@ async def test_unreadable_body_is_refused_and_kept_whole(
     assert held["released_at"] is None
     assert f"Kept as quarantine {held['id']}." in str(document["detail"])
     assert await stored_events(pool, order_id) == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/x-www-form-urlencoded",
+        "text/plain; charset=utf-8",
+        "multipart/form-data; boundary=x",
+        "application/json, text/plain",
+    ],
+)
+async def test_unreadable_body_declared_as_another_type_is_415_and_kept(
+    client: AsyncTestClient[Litestar],
+    pool: asyncpg.Pool,
+    live_token: str,
+    content_type: str,
+) -> None:
+    order_id = new_order_id()
+    body = f"order_id={order_id}&status=confirmed".encode()
+
+    response = await post_webhook(
+        client, body, live_token, headers={"content-type": content_type}
+    )
+
+    assert response.status_code == 415
+    document = problem(response)
+    assert document["type"] == "urn:ordertrail:problem:unsupported-media-type"
+    assert "application/json" in str(document["detail"])
+    held = await quarantined_by_request(pool, response.headers["x-request-id"])
+    assert held is not None
+    assert held["raw_body"] == body
+    assert held["content_type"] == content_type
+    assert held["released_at"] is None
+    assert f"Kept as quarantine {held['id']}." in str(document["detail"])
+    assert await stored_events(pool, order_id) == []
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "",
+        "application/json; charset=utf-8",
+        "Application/Problem+JSON",
+        "text/json",
+    ],
+)
+async def test_unreadable_body_declared_as_json_or_undeclared_is_422(
+    client: AsyncTestClient[Litestar],
+    pool: asyncpg.Pool,
+    live_token: str,
+    content_type: str | None,
+) -> None:
+    body = b"{not json"
+    request_id = uuid.uuid4().hex
+    headers = {"x-request-id": request_id}
+    if content_type is not None:
+        headers["content-type"] = content_type
+    response = await client.post(
+        WEBHOOK_PATH, content=body, headers={TOKEN_HEADER: live_token, **headers}
+    )
+
+    assert response.status_code == 422
+    assert problem(response)["type"] == "urn:ordertrail:problem:invalid-payload"
+    held = await quarantined_by_request(pool, request_id)
+    assert held is not None
+    assert held["raw_body"] == body
+    assert held["content_type"] == content_type
+
+
+@pytest.mark.parametrize(
+    "content_type", ["text/plain", "application/x-www-form-urlencoded", "image/png"]
+)
+async def test_readable_webhook_is_an_event_whatever_its_declared_type(
+    client: AsyncTestClient[Litestar],
+    pool: asyncpg.Pool,
+    live_token: str,
+    order_id: str,
+    content_type: str,
+) -> None:
+    body = webhook_body(order_id)
+
+    response = await post_webhook(
+        client, body, live_token, headers={"content-type": content_type}
+    )
+
+    assert response.status_code == 202
+    (event,) = await stored_events(pool, order_id)
+    assert event["raw_body"] == body
 
 
 async def test_release_turns_a_readable_quarantined_body_into_an_event(

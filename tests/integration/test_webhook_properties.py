@@ -34,6 +34,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from ordertrail.auth.credentials import CredentialKind
+from ordertrail.ingest.controller import declares_json
 from tests.integration.api_support import issue, running_app
 from tests.integration.helpers import (
     TOKEN_HEADER,
@@ -56,6 +57,7 @@ DOCUMENTED = documented_answers()
 PROBLEM_TYPES = {
     401: "urn:ordertrail:problem:unauthenticated",
     413: "urn:ordertrail:problem:body-too-large",
+    415: "urn:ordertrail:problem:unsupported-media-type",
     422: "urn:ordertrail:problem:invalid-payload",
 }
 IDEMPOTENCY_KEPT = 256
@@ -510,12 +512,16 @@ async def test_any_headers_get_a_documented_answer(
 
     response = await deliver(receiver, body, headers)
 
+    # A readable webhook is an event whatever its label; an unreadable body
+    # is 415 when it was declared as something other than JSON.
+    declared = header_kept(others, b"content-type")
+    unreadable = {422} if declares_json(declared) else {415}
     kept = await check_answer(
         receiver,
         response,
         body,
         valid_token=valid_token,
-        expected={202} if readable else {422},
+        expected={202} if readable else unreadable,
     )
     if not valid_token:
         assert await quarantined_mentioning(receiver.pool, marker) == 0

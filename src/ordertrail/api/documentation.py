@@ -37,6 +37,10 @@ _MEANINGS = {
     403: "The API key's role does not allow this.",
     404: "No such order or item in this mode.",
     413: "The body is over the size limit; its first part is kept in quarantine.",
+    415: (
+        "Not a Locally payload, and declared as a content type other than JSON; "
+        "the body is kept in quarantine."
+    ),
     422: "Not a Locally payload; the body is kept in quarantine.",
     429: "Too many requests; wait as long as Retry-After says.",
     503: "The database is out of reach: nothing was stored; retry.",

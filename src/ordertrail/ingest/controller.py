@@ -3,8 +3,14 @@
 The order of the checks is the order of trust: the token first (nothing is
 read or kept for a caller without one), then the body's size, then its
 shape. Every authenticated delivery ends either as an event (202, after the
-commit) or in quarantine (413, 422); if neither could be made durable the
+commit) or in quarantine (413, 415, 422); if neither could be made durable the
 answer is 503 and Locally retries.
+
+The body alone decides whether a delivery is an event: Locally does not say
+what content type it sends, and a readable webhook labelled oddly is still
+Locally's word. The label only explains a body that cannot be read: one
+declared as something other than JSON is answered 415, not 422, so that the
+sender learns what to change.
 
 The route is direct (``ordertrail.api.direct``): every answer is an
 ``Answer`` with its final headers, written onto the connection as it is.
@@ -35,7 +41,7 @@ from ordertrail.ingest.payload import decode_webhook
 from ordertrail.ingest.writer import AppendFailed
 from ordertrail.lib.metrics import DELIVERIES
 
-__all__ = ["Accepted", "Arrival", "receive_webhook"]
+__all__ = ["Accepted", "Arrival", "declares_json", "receive_webhook"]
 
 log = structlog.get_logger("ordertrail.ingest")
 
@@ -96,7 +102,7 @@ class Arrival(msgspec.Struct, frozen=True, kw_only=True):
         202: ResponseSpec(
             Accepted, description="Committed to the log.", generate_examples=False
         ),
-        **problems(401, 413, 422, 429, 503),
+        **problems(401, 413, 415, 422, 429, 503),
     },
 )
 async def receive_webhook(request: Request[Any, Any, Any]) -> ASGIApp:
@@ -333,6 +339,15 @@ async def _hold(
             f"The first part is kept as quarantine {quarantine_id}.",
             request_id=arrival.request_id,
         )
+    if not declares_json(arrival.content_type):
+        return problem_answer(
+            415,
+            "unsupported-media-type",
+            "Not a JSON webhook body",
+            f"{reason}, and the Content-Type does not declare JSON: send the "
+            f"webhook as application/json. Kept as quarantine {quarantine_id}.",
+            request_id=arrival.request_id,
+        )
     return problem_answer(
         422,
         "invalid-payload",
@@ -340,6 +355,25 @@ async def _hold(
         f"{reason}. Kept as quarantine {quarantine_id}.",
         request_id=arrival.request_id,
     )
+
+
+def declares_json(content_type: str | None) -> bool:
+    """Whether a Content-Type allows a JSON body; an absent one does.
+
+    ``application/json``, ``text/json`` and any ``+json`` type (RFC 6839),
+    whatever their parameters and letter case.
+    """
+    if content_type is None:
+        return True
+    media_type = content_type.partition(";")[0].strip().lower()
+    return (
+        not media_type
+        or media_type in _JSON_MEDIA_TYPES
+        or media_type.endswith("+json")
+    )
+
+
+_JSON_MEDIA_TYPES = frozenset({"application/json", "text/json"})
 
 
 def _unavailable(request_id: str) -> Answer:
