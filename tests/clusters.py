@@ -11,6 +11,9 @@ Every call here is synchronous and bounded by a timeout; an async test calls
 the slow ones (start, replica, waits) through ``asyncio.to_thread``.
 Clusters are always stopped and removed by :func:`throwaway_cluster`, also when
 the test fails, and at interpreter exit as a last resort.
+
+A test marked with :func:`skip_unless_runnable` is skipped, with what is
+missing named, on a machine without every program it runs.
 """
 
 from __future__ import annotations
@@ -25,17 +28,31 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BINARIES", "Cluster", "ClusterError", "throwaway_cluster"]
+import pytest
+
+__all__ = [
+    "BINARIES",
+    "CLUSTER_PROGRAMS",
+    "Cluster",
+    "ClusterError",
+    "missing_programs",
+    "skip_unless_runnable",
+    "throwaway_cluster",
+]
 
 BINARIES = Path(os.environ.get("ORDERTRAIL_PG_BINARIES", "/usr/lib/postgresql/15/bin"))
 """The server binaries; ``ORDERTRAIL_PG_BINARIES`` names another folder."""
 
 SERVER_USER = "postgres"
 """The operating-system user the servers run as when this process is root."""
+
+CLUSTER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
+"""What every cluster runs: ``initdb`` to create it, ``pg_ctl`` to start and
+stop it, and the server itself, which both of them start."""
 
 COMMAND_TIMEOUT = 60.0
 
@@ -76,6 +93,48 @@ def _as_server_user(argv: Sequence[str]) -> list[str]:
     if _is_root():
         return ["runuser", "-u", SERVER_USER, "--", *argv]
     return list(argv)
+
+
+def missing_programs(
+    programs: Iterable[str],
+    *,
+    folder: Path | None = None,
+    as_root: bool | None = None,
+) -> list[str]:
+    """What this machine lacks to run ``programs``: empty when nothing.
+
+    The programs are looked for in ``folder`` (default :data:`BINARIES`). As
+    root (default: whether this process is), each runs through ``runuser`` as
+    :data:`SERVER_USER`, so that command and that user are needed as well.
+    """
+    folder = BINARIES if folder is None else folder
+    missing = [
+        str(folder / name)
+        for name in programs
+        if not ((folder / name).is_file() and os.access(folder / name, os.X_OK))
+    ]
+    if _is_root() if as_root is None else as_root:
+        if shutil.which("runuser") is None:
+            missing.append("runuser on PATH")
+        try:
+            pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            missing.append(f"the {SERVER_USER} user")
+    return missing
+
+
+def skip_unless_runnable(*extra: str) -> pytest.MarkDecorator:
+    """Skip a test unless it can run clusters and the ``extra`` programs.
+
+    ``extra`` names what the test runs beyond :data:`CLUSTER_PROGRAMS`:
+    ``pg_basebackup`` for a replica, ``psql`` for :meth:`Cluster.query` and
+    what calls it. The reason names everything missing, not only the first.
+    """
+    missing = missing_programs((*CLUSTER_PROGRAMS, *extra))
+    return pytest.mark.skipif(
+        bool(missing),
+        reason=f"cannot run throwaway clusters without {', '.join(missing)}",
+    )
 
 
 def _run(argv: Sequence[str], *, cwd: Path, timeout: float = COMMAND_TIMEOUT) -> str:

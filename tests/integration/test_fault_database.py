@@ -44,7 +44,7 @@ from ordertrail.auth.credentials import (
     create_credential,
 )
 from ordertrail.db.connection import create_pool
-from tests.clusters import BINARIES, Cluster, throwaway_cluster
+from tests.clusters import Cluster, skip_unless_runnable, throwaway_cluster
 from tests.integration.fault_support import (
     LOCALLY_RETRY_DELAYS,
     Webhook,
@@ -76,9 +76,7 @@ from tests.support import UPC, bearer, new_order_id, webhook_body
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        not (BINARIES / "initdb").exists(), reason=f"no PostgreSQL in {BINARIES}"
-    ),
+    skip_unless_runnable(),
 ]
 
 OUTAGES = 3

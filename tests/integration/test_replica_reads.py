@@ -34,7 +34,7 @@ import pytest
 from ordertrail.auth.credentials import CredentialKind, Role, create_credential
 from ordertrail.db.connection import connect
 from ordertrail.db.migrate import apply_migrations
-from tests.clusters import BINARIES, Cluster, throwaway_cluster
+from tests.clusters import Cluster, skip_unless_runnable, throwaway_cluster
 from tests.integration.helpers import TOKEN_HEADER
 from tests.integration.projection_support import Service, environment, free_port
 from tests.support import UPC, WEBHOOK_PATH, bearer, new_order_id, webhook_body
@@ -42,9 +42,7 @@ from tests.support import UPC, WEBHOOK_PATH, bearer, new_order_id, webhook_body
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(
-        not (BINARIES / "initdb").exists(), reason=f"no PostgreSQL in {BINARIES}"
-    ),
+    skip_unless_runnable("pg_basebackup", "psql"),
 ]
 
 DATABASE = "ordertrail"
