@@ -14,6 +14,7 @@ tables are all there afterwards, holding what they held plus what was sent.
 from __future__ import annotations
 
 import base64
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,15 @@ from ordertrail.auth.credentials import CredentialKind, Role, create_credential
 from tests.integration.api_support import issue, problem, running_app
 from tests.integration.fault_support import serving
 from tests.integration.helpers import post_webhook, quarantined_by_request
-from tests.integration.projection_support import Completed, ordertrail, own_database
+from tests.integration.projection_support import (
+    Completed,
+    differing,
+    ordertrail,
+    own_database,
+    rows_of,
+    served_version,
+    view_source,
+)
 from tests.support import bearer, new_order_id, webhook_body
 
 LONGEST = 256
@@ -488,10 +497,9 @@ class Operated:
     tables_before: set[str]
 
 
-@pytest.fixture(scope="module")
-async def operated(server_url: str) -> AsyncIterator[Operated]:
-    # Commands such as `projections skip` change what the service does; they
-    # run on a database no other test reads.
+@contextlib.asynccontextmanager
+async def operated_database(server_url: str) -> AsyncIterator[Operated]:
+    """A fresh database holding the hostile events, dropped afterwards."""
     async with own_database(server_url) as database:
         async with running_app(database.url) as client:
             token = await issue(
@@ -520,9 +528,17 @@ async def operated(server_url: str) -> AsyncIterator[Operated]:
         )
 
 
-async def command(operated: Operated, *arguments: str) -> Completed:
+@pytest.fixture(scope="module")
+async def operated(server_url: str) -> AsyncIterator[Operated]:
+    # Commands such as `projections skip` change what the service does; they
+    # run on a database no other test reads.
+    async with operated_database(server_url) as operated:
+        yield operated
+
+
+async def command(operated: Operated, *arguments: str, **variables: str) -> Completed:
     """Run an ``ordertrail`` command; whatever it was given, no traceback."""
-    done = await ordertrail(operated.url, *arguments, within=60.0)
+    done = await ordertrail(operated.url, *arguments, within=60.0, **variables)
     assert "Traceback" not in done.stderr, (arguments, done.stderr)
     return done
 
@@ -703,6 +719,188 @@ async def test_send_test_posts_hostile_identifiers_that_are_stored_exactly(
     assert [tuple(row) for row in stored] == [(CLI_ORDER, upc, s) for s in statuses]
     assert sent.stdout.count("  202  ") == len(statuses)
     assert token.secret not in sent.stdout + sent.stderr
+
+
+AUDIT_KEY = "'; DROP TABLE audit_checkpoints; --%_\\\u202e\U0001f44d\U0001f3fd"
+"""A key long enough to sign with, itself full of what breaks quoting."""
+SIGNED = {"ORDERTRAIL_AUDIT_KEY": AUDIT_KEY}
+
+
+@pytest.mark.slow
+async def test_a_checkpoint_signs_hostile_streams_and_their_export_verifies_against_it(
+    operated: Operated, tmp_path: Path
+) -> None:
+    recorded = await command(operated, "audit", "checkpoint", **SIGNED)
+    nothing_new = await command(operated, "audit", "checkpoint", **SIGNED)
+    listed = await command(operated, "audit", "checkpoints", "--json")
+    (checkpoint,) = listed.json_lines()
+    path = tmp_path / "export.ndjson"
+    # Both modes from position 1 to the checkpoint's: the range whose heads
+    # the checkpoint's digest covers.
+    exported = await command(
+        operated,
+        "export",
+        "--to-position",
+        str(checkpoint["position"]),
+        "-o",
+        str(path),
+    )
+    checked = await command(
+        operated,
+        "audit",
+        "verify-export",
+        str(path),
+        "--expect-digest",
+        str(checkpoint["digest"]),
+        "--json",
+    )
+    verified = await command(operated, "audit", "verify", "--json", **SIGNED)
+    heads = await operated.pool.fetch(
+        "SELECT order_id, upc FROM audit_checkpoint_heads WHERE checkpoint_id = $1",
+        checkpoint["id"],
+    )
+
+    assert recorded.returncode == 0, recorded.stderr
+    assert recorded.stdout == (
+        f"checkpoint {checkpoint['id']} at position {checkpoint['position']}: "
+        f"{len(CLI_UPCS)} streams, digest {checkpoint['digest']}, "
+        f"key {checkpoint['key_id']}\n"
+    )
+    assert nothing_new.returncode == 0, nothing_new.stderr
+    assert (
+        nothing_new.stdout == "no event since the last checkpoint; nothing recorded\n"
+    )
+    assert sorted((row["order_id"], row["upc"]) for row in heads) == sorted(
+        (CLI_ORDER, upc) for upc in CLI_UPCS
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert checked.returncode == 0, checked.stdout
+    summary = checked.json_lines()[-1]["summary"]
+    assert isinstance(summary, dict)
+    assert (summary["events"], summary["streams"], summary["findings"]) == (
+        len(CLI_UPCS),
+        len(CLI_UPCS),
+        0,
+    )
+    assert summary["heads_digest"] == checkpoint["digest"]
+    assert verified.returncode == 0, verified.stdout
+    verdict = verified.json_lines()[-1]["summary"]
+    assert isinstance(verdict, dict)
+    assert (verdict["checkpoints"], verdict["signatures_checked"]) == (1, True)
+    for done in (recorded, nothing_new, listed, exported, checked, verified):
+        assert AUDIT_KEY not in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+async def test_verify_export_names_a_changed_hostile_event_by_its_exact_identifiers(
+    operated: Operated, tmp_path: Path
+) -> None:
+    path = tmp_path / "export.ndjson"
+    exported = await command(operated, "export", "--mode", "live", "-o", str(path))
+    assert exported.returncode == 0, exported.stderr
+    lines = path.read_bytes().splitlines(keepends=True)
+    number, event = next(
+        (n, decoded)
+        for n, line in enumerate(lines, start=1)
+        if (decoded := msgspec.json.decode(line)).get("upc") == "%"
+    )
+    event["raw_status"] = "refunded"
+    lines[number - 1] = msgspec.json.encode(event) + b"\n"
+    path.write_bytes(b"".join(lines))
+
+    checked = await command(operated, "audit", "verify-export", str(path), "--json")
+
+    assert checked.returncode == 1, checked.stdout
+    *findings, summary = checked.json_lines()
+    assert [
+        (f["kind"], f["mode"], f["order_id"], f["upc"], f["line"]) for f in findings
+    ] == [("content_changed", "live", CLI_ORDER, "%", number)]
+    verdict = summary["summary"]
+    assert isinstance(verdict, dict)
+    assert (verdict["findings"], verdict["clean"]) == (1, False)
+
+
+async def every_row(pool: asyncpg.Pool) -> dict[str, list[str]]:
+    """Every row of every table and view, as text, in a stable order."""
+    rows = {}
+    for table in sorted(await table_names(pool)):
+        found = await pool.fetch(f'SELECT row_to_json(t)::text FROM "{table}" t')
+        rows[table] = sorted(row[0] for row in found)
+    return rows
+
+
+@pytest.mark.slow
+async def test_migrating_again_leaves_hostile_rows_and_the_tables_as_they_were(
+    operated: Operated,
+) -> None:
+    before = await every_row(operated.pool)
+
+    first = await command(operated, "migrate")
+    second = await command(operated, "migrate")
+
+    for done in (first, second):
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == "schema is current\n"
+    assert await table_names(operated.pool) == operated.tables_before
+    assert await every_row(operated.pool) == before
+    stored = await operated.pool.fetch(
+        "SELECT upc, raw_body FROM events WHERE order_id = $1", CLI_ORDER
+    )
+    assert {row["upc"]: row["raw_body"] for row in stored} == operated.bodies
+    held = await operated.pool.fetchval(
+        "SELECT raw_body FROM quarantine WHERE id = $1", operated.held_id
+    )
+    assert held == operated.held
+
+
+@pytest.mark.slow
+async def test_a_rebuilt_view_gives_hostile_items_back_exactly_and_the_old_is_dropped(
+    server_url: str,
+) -> None:
+    # A rebuild swaps the view that the other commands' database serves: it
+    # runs on a database of its own.
+    async with operated_database(server_url) as operated:
+        old = await served_version(operated.pool)
+        async with operated.pool.acquire() as connection:
+            served_rows = await rows_of(connection, old.table_name)
+
+        rebuilt = await command(operated, "projections", "rebuild")
+
+        new = await served_version(operated.pool)
+        source = await view_source(operated.pool)
+        async with operated.pool.acquire() as connection:
+            rebuilt_rows = await rows_of(connection, new.table_name)
+        dropped = await command(operated, "projections", "drop-old")
+        again = await command(operated, "projections", "drop-old")
+        tables = await table_names(operated.pool)
+        async with running_app(operated.url) as client:
+            reader = await issue(
+                client, operated.pool, CredentialKind.API_KEY, role=Role.READER
+            )
+            order = await client.get(
+                f"/v1/orders/{in_path(CLI_ORDER)}", headers=bearer(reader.secret)
+            )
+
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"0 of {len(CLI_UPCS)} items differ from the served version" in (
+        rebuilt.stderr
+    )
+    assert new.version == old.version + 1
+    assert source == new.table_name
+    assert differing(rebuilt_rows, served_rows) == []
+    assert sorted(key.upc for key in rebuilt_rows) == sorted(CLI_UPCS)
+    assert dropped.returncode == 0, dropped.stderr
+    assert dropped.stdout == f"dropped {old.table_name}\n"
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "no retired version to drop\n"
+    assert tables == (operated.tables_before - {old.table_name}) | {new.table_name}
+    assert order.status_code == 200, order.text
+    assert order.json()["order_id"] == CLI_ORDER
+    # Each status is unknown to the vocabulary, so it is also kept as a key.
+    assert {
+        item["upc"]: (item["last_status"], item["unrecognized_statuses"])
+        for item in order.json()["items"]
+    } == {upc: (f"{upc}'--", {f"{upc}'--": 1}) for upc in CLI_UPCS}
 
 
 @pytest.mark.slow
