@@ -28,7 +28,7 @@ import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import pytest
@@ -373,6 +373,40 @@ def synchronously(
     return run
 
 
+def guesses_around(real: str) -> tuple[Callable[[], str], Callable[[], str]]:
+    """Makers of a guess wrong in its last character and one wrong in its first."""
+    last, first = other_than(real[-1]), other_than(real[0])
+
+    def close() -> str:
+        return real[:-1] + last
+
+    def far() -> str:
+        return first + real[1:]
+
+    return close, far
+
+
+def hides_the_match(checked: float, naive: float) -> bool:
+    """Whether a check's extra time for the close guess hides how close it is.
+
+    A naive comparison shows the leak plainly; the check must show a small
+    fraction of it, if anything. A leak would show in every attempt; noise
+    that hides it in one attempt does not recur.
+    """
+    return naive > 20_000 and abs(checked) < naive / 3
+
+
+def fail_with(outcomes: list[tuple[float, float]], doing: str) -> NoReturn:
+    """Fail, listing each attempt's extra time beside the naive comparison's."""
+    pytest.fail(
+        f"a guess sharing more of the secret took longer to {doing}: "
+        + ", ".join(
+            f"{checked / 1000:.1f} us more (naive == {naive / 1000:.1f} us)"
+            for checked, naive in outcomes
+        )
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_closer_guess_is_not_checked_for_longer(
@@ -381,13 +415,7 @@ async def test_a_closer_guess_is_not_checked_for_longer(
     real = secrets.token_urlsafe(SECRET_LENGTH)[:SECRET_LENGTH]
     await create(pool, kind, secret=real)
     cache = await loaded_cache(pool)
-    last, first = other_than(real[-1]), other_than(real[0])
-
-    def close() -> str:
-        return real[:-1] + last
-
-    def far() -> str:
-        return first + real[1:]
+    close, far = guesses_around(real)
 
     # The one look-up of a miss in the database happens here, not in a timing.
     assert await cache.verify(far(), kind) is None
@@ -398,18 +426,9 @@ async def test_a_closer_guess_is_not_checked_for_longer(
         checked = median_extra_time(close, far, check)
         naive = median_extra_time(close, far, lambda presented: presented == real)
         outcomes.append((checked, naive))
-        # A naive comparison shows the leak plainly; the check must show a
-        # small fraction of it, if anything. A leak would show in every
-        # attempt; noise that hides it in one attempt does not recur.
-        if naive > 20_000 and abs(checked) < naive / 3:
+        if hides_the_match(checked, naive):
             return
-    pytest.fail(
-        "a guess sharing more of the secret took longer to check: "
-        + ", ".join(
-            f"{checked / 1000:.1f} us more (naive == {naive / 1000:.1f} us)"
-            for checked, naive in outcomes
-        )
-    )
+    fail_with(outcomes, "check")
 
 
 @pytest.mark.slow
@@ -421,13 +440,7 @@ async def test_a_closer_guess_is_not_looked_up_in_the_database_for_longer(
     cache = await looking_up_cache(watched_pool.pool)
     # Only the database knows it: each guess below is looked up there.
     await create(watched_pool.pool, kind, secret=real)
-    last, first = other_than(real[-1]), other_than(real[0])
-
-    def close() -> str:
-        return real[:-1] + last
-
-    def far() -> str:
-        return first + real[1:]
+    close, far = guesses_around(real)
 
     async def check(presented: str) -> object:
         return await cache.verify(presented, kind)
@@ -444,14 +457,6 @@ async def test_a_closer_guess_is_not_looked_up_in_the_database_for_longer(
         assert looked_up == 2 * PAIRS, "a guess was not looked up in the database"
         naive = await median_extra_wall_time(close, far, compared_as_text)
         outcomes.append((checked, naive))
-        # As in the cache's test, with the wall's noise on both sides: a leak
-        # would show in every attempt, noise that hides it in one does not.
-        if naive > 20_000 and abs(checked) < naive / 3:
+        if hides_the_match(checked, naive):
             return
-    pytest.fail(
-        "a guess sharing more of the secret took longer to look up: "
-        + ", ".join(
-            f"{checked / 1000:.1f} us more (naive == {naive / 1000:.1f} us)"
-            for checked, naive in outcomes
-        )
-    )
+    fail_with(outcomes, "look up")
