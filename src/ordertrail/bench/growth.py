@@ -160,6 +160,8 @@ class Log:
     """Events in the log before the first measured delivery."""
     items: list[bytes] = field(default_factory=list)
     """Item GET requests, filled once the log holds items."""
+    sent: int = 0
+    """Deliveries sent to it so far; the next load takes up after them."""
     runs: dict[str, list[tuple[LoadResult, CpuUsage]]] = field(
         default_factory=lambda: {_INGEST: [], _READ: []}
     )
@@ -386,9 +388,11 @@ async def _round(log: Log, options: argparse.Namespace, bodies: list[bytes]) -> 
         f"{log.name}: {_INGEST}", log.server, "/webhooks/locally", None
     )
     requests = _ingest_requests(log, bodies)
-    log.runs[_INGEST].append(
-        await measure_ingest(target, requests, options, log.database.name)
+    result, usage = await measure_ingest(
+        target, requests, options, log.database.name, first=log.sent
     )
+    log.sent += result.sent
+    log.runs[_INGEST].append((result, usage))
     if not log.items:
         # Chosen after deliveries arrived, so that the empty log has items.
         log.items = await _item_requests(log, options.items)
@@ -418,7 +422,7 @@ async def _settle(log: Log, options: argparse.Namespace, bodies: list[bytes]) ->
     deliveries and an ANALYZE, so that each is measured as a database in
     service would be: with statistics of what it holds.
     """
-    await run_load(
+    settling = await run_load(
         HOST,
         log.server.port,
         _ingest_requests(log, bodies),
@@ -426,6 +430,7 @@ async def _settle(log: Log, options: argparse.Namespace, bodies: list[bytes]) ->
         warmup=0,
         seconds=_SETTLING,
     )
+    log.sent += settling.sent
     connection = await connect(log.database.url)
     try:
         table = await connection.fetchval(

@@ -67,6 +67,9 @@ class LoadResult:
     """Accepted responses over the whole run: warm-up, window and drain."""
     unanswered: int
     """Requests sent but never answered over the whole run; they may be stored."""
+    sent: int = 0
+    """Requests sent over the whole run; a run started at ``first`` plus this
+    takes up where this one stopped."""
 
     @property
     def errors(self) -> int:
@@ -254,6 +257,7 @@ async def run_load(
     on_window_close: Callable[[], None] | None = None,
     accept: Collection[int] | None = None,
     walks: Callable[[int], Walk] | None = None,
+    first: int = 0,
 ) -> LoadResult:
     """Load ``host:port`` with ``requests`` in turn, over keep-alive connections.
 
@@ -265,12 +269,14 @@ async def run_load(
     ``accept`` names the statuses that count as accepted (by default every
     2xx). With ``walks``, connection ``k`` takes its requests from
     ``walks(k)`` instead of from ``requests``, which may then be empty.
+    ``first`` is the index in ``requests`` to start from; past the end they
+    start again from the beginning.
     """
     if walks is None and not requests:
         msg = "run_load needs requests or walks"
         raise ValueError(msg)
     loop = asyncio.get_running_loop()
-    run = _Run(requests, accept)
+    run = _Run(requests, accept, next_index=first)
     closed = asyncio.Event()
 
     def open_window() -> None:
@@ -319,4 +325,5 @@ async def run_load(
         # A request still in flight when the drain gave up is unanswered too;
         # one lost with its connection has already moved from one to the other.
         unanswered=run.unanswered + run.in_flight,
+        sent=run.next_index - first,
     )
