@@ -11,7 +11,7 @@ import msgspec
 from litestar import Controller, Request, Response, get
 from litestar.datastructures import ResponseHeader
 from litestar.enums import MediaType
-from litestar.params import Parameter
+from litestar.params import FromPath, Parameter
 
 from ordertrail.api.audit import AsOfParameter, PastItemView, PastOrderView
 from ordertrail.api.audit import past_item as past_item_response
@@ -144,7 +144,7 @@ class OrdersController(Controller):
     async def order(
         self,
         request: Request[Any, Any, Any],
-        order_id: str,
+        order_id: FromPath[str],
         mode: ModeParameter = "live",
         as_of: AsOfParameter = None,
     ) -> Response[OrderView] | Response[PastOrderView] | Response[None]:
@@ -191,8 +191,8 @@ class OrdersController(Controller):
     async def item(
         self,
         request: Request[Any, Any, Any],
-        order_id: str,
-        upc: str,
+        order_id: FromPath[str],
+        upc: FromPath[str],
         mode: ModeParameter = "live",
         as_of: AsOfParameter = None,
     ) -> Response[ItemView] | Response[PastItemView] | Response[None]:
@@ -236,7 +236,7 @@ class OrdersController(Controller):
     async def events(
         self,
         request: Request[Any, Any, Any],
-        order_id: str,
+        order_id: FromPath[str],
         mode: ModeParameter = "live",
         after: Annotated[
             int,
