@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 import httpx
@@ -56,12 +57,15 @@ from tests.support import (
 __all__ = [
     "STORE",
     "Completed",
+    "EndState",
     "OwnDatabase",
     "Service",
     "append_inline",
     "append_raw",
+    "assert_verified",
     "differing",
     "elected_runner",
+    "end_state",
     "environment",
     "free_port",
     "kill_group",
@@ -261,6 +265,26 @@ async def served_version(pool: asyncpg.Pool) -> ProjectionVersion:
         return await catalogue.served(connection, PROJECTION_NAME)
 
 
+class EndState(NamedTuple):
+    """What a load left behind: the log, the served view and a fold of the log."""
+
+    log: list[RecordedEvent]
+    projection: ItemProjection
+    view: dict[StreamKey, ItemView]
+    fold: dict[StreamKey, ItemView]
+
+
+async def end_state(pool: asyncpg.Pool) -> EndState:
+    """Read the whole log and the served view, and fold the log from scratch."""
+    served = await served_version(pool)
+    async with pool.acquire() as connection:
+        log = await whole_log(connection)
+        projection = await projection_for(connection, served.version)
+        view = await rows_of(connection, "item_view")
+        fold = await scratch_fold(connection, projection)
+    return EndState(log, projection, view, fold)
+
+
 async def view_source(pool: asyncpg.Pool) -> str:
     """The table the readers' view ``item_view`` selects from."""
     source = await pool.fetchval(
@@ -337,6 +361,14 @@ class Completed:
     def json_lines(self) -> list[dict[str, object]]:
         """The standard output read as JSON lines."""
         return [msgspec.json.decode(line) for line in self.stdout.splitlines() if line]
+
+
+def assert_verified(verified: Completed, events: int) -> None:
+    """``ordertrail audit verify`` found ``events`` events and nothing wrong."""
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    summary = verified.json_lines()[-1]["summary"]
+    assert isinstance(summary, dict)
+    assert (summary["clean"], summary["events"]) == (True, events)
 
 
 def environment(database_url: str, **variables: str) -> dict[str, str]:

@@ -52,17 +52,15 @@ from ordertrail.ingest.controller import Accepted
 from ordertrail.projections.items import ItemProjection, ItemView
 from tests.integration.helpers import TOKEN_HEADER
 from tests.integration.projection_support import (
-    Completed,
     OwnDatabase,
     Service,
+    assert_verified,
     differing,
+    end_state,
     environment,
     free_port,
     ordertrail,
     own_database,
-    projection_for,
-    rows_of,
-    scratch_fold,
     served_version,
     settle,
     until,
@@ -699,12 +697,7 @@ async def test_a_mixed_load_leaves_exactly_what_was_acknowledged(
             listed = await walk(http, load, {})
             revalidated = [await revalidate_held(http, load, p) for p in pollers]
 
-    async with own.pool.acquire() as connection:
-        log = await whole_log(connection)
-        served = await served_version(own.pool)
-        projection = await projection_for(connection, served.version)
-        view = await rows_of(connection, "item_view")
-        fold = await scratch_fold(connection, projection)
+    log, projection, view, fold = await end_state(own.pool)
     verified = await ordertrail(own.url, "audit", "verify", "--json")
     ledger = load.ledger
     with capsys.disabled():
@@ -731,7 +724,7 @@ async def test_a_mixed_load_leaves_exactly_what_was_acknowledged(
         check_revalidated(poller, answers, view)
     assert differing(listed, {k: v for k, v in view.items() if k.mode == "live"}) == []
     check_chains(log)
-    check_verified(verified, len(log))
+    assert_verified(verified, len(log))
 
 
 async def _reader_key(pool: asyncpg.Pool) -> str:
@@ -883,14 +876,6 @@ def check_chains(log: list[RecordedEvent]) -> None:
         assert stream_chain_errors(sorted(events, key=lambda e: e.version)) == [], (
             stream
         )
-
-
-def check_verified(verified: Completed, events: int) -> None:
-    """``ordertrail audit verify`` finds every event and nothing wrong."""
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    summary = verified.json_lines()[-1]["summary"]
-    assert isinstance(summary, dict)
-    assert (summary["clean"], summary["events"]) == (True, events)
 
 
 def _report(
