@@ -11,7 +11,8 @@ sometimes sends one again as Locally's retry does; after a 202 it may read
 the item back, which must show the acknowledged version at least. ``Pos``
 revalidates items the shops have sent with their last ETag, as a polling
 POS does, and fails on a version that goes backwards. Answers that break
-the service's promises count as Locust failures.
+the service's promises count as Locust failures. Without an API key the
+shops read nothing back and the pollers stay idle.
 
 With ``ORDERTRAIL_LOCUST_RECORD`` set, every 202 is appended to that file as
 a JSON line (the answer, the body sent and whether it was a retry), so that
@@ -102,7 +103,7 @@ class Shop(FastHttpUser):
                 if again is None:
                     return
                 version = again["version"]
-            if random.random() < READ_BACK_SHARE:
+            if API_KEY and random.random() < READ_BACK_SHARE:
                 self._read_back(order_id, upc, version)
 
     def _deliver(
