@@ -18,7 +18,6 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -40,7 +39,6 @@ from tests.integration.projection_support import (
     OwnDatabase,
     Service,
     differing,
-    own_database,
     projection_for,
     rows_of,
     running_service,
@@ -53,13 +51,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 ACCEPTED_BEFORE_THE_CRASH = 600
 """202s to wait for before the kill: the load is well under way by then."""
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 async def test_kill_under_load_loses_nothing_acknowledged_and_retries_land_once(

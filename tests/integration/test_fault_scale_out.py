@@ -54,7 +54,6 @@ from tests.integration.projection_support import (
     OwnDatabase,
     Service,
     differing,
-    own_database,
     projection_for,
     rows_of,
     scratch_fold,
@@ -66,13 +65,6 @@ from tests.support import bearer
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 _RETRIES = ('"event":"writer.batch_failed"', '"event":"writer.failed"')
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 @pytest.mark.parametrize("processes", [2, 3])

@@ -60,7 +60,6 @@ from tests.integration.projection_support import (
     environment,
     free_port,
     ordertrail,
-    own_database,
     served_version,
     settle,
     until,
@@ -642,13 +641,6 @@ def _ready(service: Service) -> Callable[[], Awaitable[bool]]:
             return False
 
     return ready
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own: every event in it is the load's."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 # The test ------------------------------------------------------------------------

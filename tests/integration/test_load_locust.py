@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from tests.integration.projection_support import (
     end_state,
     kill_group,
     ordertrail,
-    own_database,
     running_service,
     settle,
 )
@@ -63,13 +61,6 @@ class Acknowledged:
     redelivery_of: int | None
     body: bytes
     retry: bool
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own: every event in it is the load's."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 async def test_a_locust_load_leaves_exactly_what_was_acknowledged(

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import secrets
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
@@ -33,20 +32,12 @@ from tests.integration.helpers import TOKEN_HEADER
 from tests.integration.projection_support import (
     OwnDatabase,
     Service,
-    own_database,
     served_version,
     until,
 )
 from tests.support import WEBHOOK_PATH, new_order_id, webhook_body
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 async def runs_the_projection(

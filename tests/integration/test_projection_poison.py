@@ -9,7 +9,7 @@ the item aggregate; the operator's commands run as real processes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -35,7 +35,6 @@ from tests.integration.projection_support import (
     differing,
     elected_runner,
     ordertrail,
-    own_database,
     projection_for,
     report,
     rows_of,
@@ -52,13 +51,6 @@ POISON = "ready for pickup"
 
 class ProjectionBug(RuntimeError):
     """What the broken projection code raises."""
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 @pytest.fixture

@@ -37,7 +37,6 @@ from tests.integration.projection_support import (
     differing,
     kill_group,
     ordertrail,
-    own_database,
     projection_for,
     report,
     rows_of,
@@ -55,13 +54,6 @@ from tests.support import WEBHOOK_PATH, bearer, new_order_id, webhook_body
 _STATUSES = ("ordered", "confirmed", "note", "ready for pickup", "picked up")
 ALIAS = "good to go"
 """A status the shipped vocabulary does not know."""
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 def spread(orders: list[str], count: int, *, start: int = 0) -> list[Delivery]:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 import pytest
@@ -30,7 +30,6 @@ from tests.integration.projection_support import (
     append_raw,
     differing,
     elected_runner,
-    own_database,
     projection_for,
     report,
     rows_of,
@@ -43,13 +42,6 @@ from tests.support import UPC, new_order_id
 
 SERVED_TABLE = "item_view_v1"
 _STATUSES = ("ordered", "confirmed", "new message", "ready for pickup", "picked up")
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 async def seed(own: OwnDatabase, transactions: int, per_transaction: int) -> int:

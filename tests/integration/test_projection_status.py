@@ -7,7 +7,6 @@ read at each step as an operator would read it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,7 +27,6 @@ from tests.integration.projection_support import (
     append_inline,
     append_raw,
     ordertrail,
-    own_database,
     projection_for,
     report,
     settle,
@@ -40,13 +38,6 @@ POISON = "ready for pickup"
 
 class ProjectionBug(RuntimeError):
     """What the broken projection code raises."""
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 async def head(pool: asyncpg.Pool) -> int:

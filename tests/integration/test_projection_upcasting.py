@@ -11,7 +11,7 @@ rebuild runs.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -31,7 +31,6 @@ from tests.integration.projection_support import (
     OwnDatabase,
     append_inline,
     differing,
-    own_database,
     projection_for,
     report,
     rows_of,
@@ -44,13 +43,6 @@ from tests.support import UPC, new_order_id
 # Version 1 reports of an old integration carried status codes; version 2
 # carries the words Locally uses.
 CODES = {"S1": "ordered", "S3": "confirmed", "S5": "picked up"}
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from tests.integration.helpers import get_item, post_webhook
 from tests.integration.projection_support import (
     OwnDatabase,
     ordertrail,
-    own_database,
     served_version,
     view_source,
 )
@@ -30,13 +29,6 @@ from tests.support import bearer, new_order_id, webhook_body
 
 ALIAS = "good to go"
 """A status the shipped vocabulary does not know."""
-
-
-@pytest.fixture
-async def own(server_url: str) -> AsyncIterator[OwnDatabase]:
-    """A database of this test's own, with the migrations' version 1 served."""
-    async with own_database(server_url) as database:
-        yield database
 
 
 TAUGHT = (
