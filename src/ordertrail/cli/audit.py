@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import threading
+from collections.abc import Coroutine
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import click
@@ -83,7 +86,7 @@ def checkpoint(every: timedelta | None) -> None:
         raise click.UsageError("--every must be a positive duration")
     configure_logging(settings.log_level, settings.log_format)
     with database_url(settings) as dsn, contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_record_every(dsn, key, every.total_seconds()))
+        asyncio.run(_until_terminated(_record_every(dsn, key, every.total_seconds())))
 
 
 def start_checkpointer(settings: Settings, dsn: str, every: timedelta) -> None:
@@ -103,6 +106,17 @@ def start_checkpointer(settings: Settings, dsn: str, every: timedelta) -> None:
         name="ordertrail-checkpointer",
         daemon=True,
     ).start()
+
+
+async def _until_terminated(work: Coroutine[Any, Any, None]) -> None:
+    # A service manager stops the command with SIGTERM. Ended as Ctrl-C ends
+    # it, the process exits normally: a checkpoint being recorded rolls back,
+    # and the log lines of the last turn (a recorded checkpoint's among them)
+    # are written at exit instead of lost with the process.
+    task = asyncio.ensure_future(work)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def _record_every(dsn: str, key: AuditKey, seconds: float) -> None:
